@@ -1,0 +1,27 @@
+"""zqhero_fx: ZeroQuant-HERO W8A8 INT8 for Transformer encoders, as torch.fx passes with fused kernels.
+
+    gm = zqhero_fx.trace(model, example_inputs)            # torch.export underneath
+    q = zqhero_fx.convert(gm, "M3", calibration=batches)   # a plain GraphModule of torch.ops.zqhero.* ops
+    zqhero_fx.save(q, "model.zq"); q2 = zqhero_fx.load("model.zq")
+    torch.compile(model, backend="zqhero", options={"mode": "M3", "calibration": batches})
+"""
+
+from zqhero_fx import kernels  # noqa: F401  (registers torch.ops.zqhero.*)
+from zqhero_fx.api import convert, ops_histogram
+from zqhero_fx.capture import trace
+from zqhero_fx.errors import (
+    CalibrationError,
+    CaptureError,
+    ConfigError,
+    FoldError,
+    PassError,
+    SerializationError,
+    ZqheroError,
+)
+from zqhero_fx.kernels import use_kernels
+from zqhero_fx.modes import MODES, QuantConfig
+
+__all__ = [
+    "trace", "convert", "ops_histogram", "use_kernels", "MODES", "QuantConfig",
+    "ZqheroError", "CaptureError", "ConfigError", "CalibrationError", "FoldError", "PassError", "SerializationError",
+]
