@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 
 import torch
 import torch.fx as fx
@@ -36,14 +37,22 @@ def _eval_mode(model: torch.nn.Module):
             m.training = flag
 
 
-def _dynamic_shapes(args, kwargs):
+def _dynamic_shapes(model, args, kwargs):
     """Batch and sequence dims of every tensor input may vary; export decides what really can."""
     def spec(x):
         if isinstance(x, torch.Tensor) and x.dim() >= 1:
             return {d: torch.export.Dim.AUTO for d in range(min(x.dim(), 2))}
         return None
-    return pytree.tree_map(spec, args, is_leaf=lambda x: isinstance(x, torch.Tensor)), \
-        {k: pytree.tree_map(spec, v, is_leaf=lambda x: isinstance(x, torch.Tensor)) for k, v in kwargs.items()}
+
+    def specs(tree):
+        return pytree.tree_map(spec, tree, is_leaf=lambda x: isinstance(x, torch.Tensor))
+
+    if not kwargs:
+        return tuple(specs(a) for a in args)
+    if not args:
+        return {k: specs(v) for k, v in kwargs.items()}
+    bound = inspect.signature(model.forward).bind_partial(*args, **kwargs)
+    return {k: specs(v) for k, v in bound.arguments.items()}
 
 
 def trace(model: torch.nn.Module, example_inputs) -> fx.GraphModule:
@@ -56,11 +65,10 @@ def trace(model: torch.nn.Module, example_inputs) -> fx.GraphModule:
     if not isinstance(model, torch.nn.Module):
         raise CaptureError(f"trace takes an nn.Module, got {type(model).__name__}")
     args, kwargs = _split(example_inputs)
-    dyn_args, dyn_kwargs = _dynamic_shapes(args, kwargs)
+    dynamic = _dynamic_shapes(model, args, kwargs)
     try:
         with _eval_mode(model), torch.no_grad():
-            program = torch.export.export(model, args, kwargs, dynamic_shapes=(dyn_args, dyn_kwargs) if args
-                                          else dyn_kwargs, strict=False)
+            program = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic, strict=False)
     except Exception as error:
         raise CaptureError(f"could not capture {type(model).__name__} with torch.export: {type(error).__name__}: "
                            f"{str(error).splitlines()[0] if str(error) else ''}. Models with data-dependent Python "

@@ -36,6 +36,7 @@ _EXPORTS = {
     "glue": "data",
     "lee_similarity": "data",
     "polarity": "data",
+    "texts": "data",
     # metrics
     "accuracy": "metrics",
     "f1": "metrics",

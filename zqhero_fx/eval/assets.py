@@ -60,6 +60,8 @@ from typing import Iterator, Mapping
 
 from tqdm.auto import tqdm
 
+from zqhero_fx.errors import ZqheroError
+
 __all__ = [
     "ZqheroAssetError",
     "AssetHashError",
@@ -95,7 +97,7 @@ _CHUNK = 1 << 20
 # --------------------------------------------------------------------------- errors
 
 
-class ZqheroAssetError(RuntimeError):
+class ZqheroAssetError(ZqheroError, RuntimeError):
     """Base class of every error raised while providing an offline asset."""
 
 

@@ -11,12 +11,15 @@ it is read from the user cache at run time and must never be committed.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+
+from zqhero_fx.errors import ZqheroError
 
 __all__ = [
     "GlueDataError",
@@ -35,7 +38,7 @@ POLARITY_SEED = 0
 POLARITY_TEST_SIZE = 1000
 
 
-class GlueDataError(RuntimeError):
+class GlueDataError(ZqheroError, RuntimeError):
     """A GLUE task could not be loaded (unknown task, no internet, bad local files)."""
 
 
@@ -356,9 +359,7 @@ def _load_file(info: TaskInfo, path: Path, cache_dir: str | None):
 
 def _normalise(info: TaskInfo, ds, path: Path):
     """Rename original-GLUE columns, encode string labels, add idx, cast to the HF features."""
-    import datasets
-
-    renames = {k: v for k, v in _RENAMES.get(info.name, {}).items()
+    renames = {k: v for k, v in {"index": "idx", **_RENAMES.get(info.name, {})}.items()
                if k in ds.column_names and v not in ds.column_names}
     if renames:
         ds = ds.rename_columns(renames)
@@ -374,12 +375,10 @@ def _normalise(info: TaskInfo, ds, path: Path):
     def encode(v):
         if v is None:
             return -1
-        if isinstance(v, (bool, np.bool_)):
-            return int(v)
-        if isinstance(v, (int, np.integer)):
-            return int(v)
-        if isinstance(v, (float, np.floating)):
-            return float(v) if info.is_regression else int(v)
+        if isinstance(v, (bool, np.bool_, int, np.integer, float, np.floating)):
+            if info.is_regression:
+                return float(v)
+            v = str(int(v)) if float(v).is_integer() else str(v)  # range-checked below
         s = str(v).strip()
         if s in ("", "-", "-1", "None", "null"):  # unlabelled (test) rows; "-": no gold label
             return -1.0 if info.is_regression else -1
@@ -388,7 +387,10 @@ def _normalise(info: TaskInfo, ds, path: Path):
         if s.lower() in lower:
             return lower[s.lower()]
         try:
-            i = int(float(s))
+            f = float(s)
+            if not f.is_integer():
+                raise ValueError(s)
+            i = int(f)
         except ValueError:
             raise GlueDataError(f"{path}: label {s!r} is not one of {names} or an integer") from None
         if not -1 <= i < len(names):
@@ -454,15 +456,30 @@ def glue(task: str, data_dir: Path | str | None = None, *, cache_dir: str | None
         return dd, info
     root, files = _resolve_dir(info, Path(data_dir).expanduser())
     out = {}
-    for split, path in files.items():
-        try:
-            raw = _load_file(info, path, cache_dir)
-        except GlueDataError:
-            raise
-        except Exception as e:
-            raise GlueDataError(f"could not read {path} for GLUE task {info.name!r}: {e}") from e
-        out[split] = _normalise(info, raw, path)
+    with _quiet_datasets():
+        for split, path in files.items():
+            try:
+                raw = _load_file(info, path, cache_dir)
+            except GlueDataError:
+                raise
+            except Exception as e:
+                raise GlueDataError(f"could not read {path} for GLUE task {info.name!r}: {e}") from e
+            out[split] = _normalise(info, raw, path)
     return datasets.DatasetDict(out), info
+
+
+@contextlib.contextmanager
+def _quiet_datasets():
+    """Hide the per-file "Generating / Casting" bars of small local loads."""
+    import datasets
+
+    was_enabled = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            datasets.enable_progress_bars()
 
 
 def texts(ds, info: TaskInfo) -> tuple[Sequence[str], ...]:

@@ -2,6 +2,7 @@
 `torch.library` registration under `torch.ops.zqhero`. Importing this package registers every op."""
 
 from zqhero_fx.kernels import (  # noqa: F401  (imported to register the ops)
+    embedding_layer_norm_quant,
     int8_attention,
     int8_linear,
     layer_norm_quant,
@@ -18,6 +19,7 @@ OPS = {
     "int8_linear": int8_linear.int8_linear_ref,
     "int8_attention": int8_attention.int8_attention_ref,
     "quantized_embedding": quantized_embedding.quantized_embedding_ref,
+    "embedding_layer_norm_quant": embedding_layer_norm_quant.embedding_layer_norm_quant_ref,
 }
 
 __all__ = ["OPS", "kernel_choice", "use_kernels"]

@@ -14,13 +14,14 @@ import torch
 import triton
 import triton.language as tl
 
-# Globals a @triton.jit function reads must be tl.constexpr. QMAX_F / MIN_SCALE_F mirror quantize.QMAX / MIN_SCALE
+# Globals a @triton.jit function reads must be tl.constexpr instances. QMAX_F / MIN_SCALE_F mirror quantize.QMAX / MIN_SCALE
 # (a test pins them together; importing quantize here would be circular).
-QMAX_F: tl.constexpr = 127.0
-MIN_SCALE_F: tl.constexpr = 1e-8
-SQRT1_2: tl.constexpr = 0.7071067811865476  # 1/sqrt(2), as torch's erf GeLU uses it
-SQRT_2_OVER_PI: tl.constexpr = 0.7978845608028654  # sqrt(2/pi), as torch's tanh GeLU uses it
-GELU_TANH_COEFF: tl.constexpr = 0.044715
+QMAX_F = tl.constexpr(127.0)
+MIN_SCALE_F = tl.constexpr(1e-8)
+SQRT1_2 = tl.constexpr(0.7071067811865476)  # 1/sqrt(2), as torch's erf GeLU uses it
+SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)  # sqrt(2/pi), as torch's tanh GeLU uses it
+GELU_TANH_COEFF = tl.constexpr(0.044715)
+RNE_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23, see round_half_even
 
 # Activation codes: a tl.constexpr in the GEMM epilogue, so each activation compiles to its own specialisation.
 ACTIVATION_CODES = {"none": 0, "gelu": 1, "gelu_tanh": 2}
@@ -67,29 +68,52 @@ def row_scale_operand(scale: torch.Tensor, rows: int, what: str) -> tuple[torch.
 
 @triton.jit
 def round_half_even(x):
-    """torch.round semantics (ties to even) from floor alone, so it runs identically on GPU and in the interpreter.
+    """torch.round semantics (ties to even) for |x| < 2**22, in two adds that the GPU and the interpreter agree on.
 
-    floor(x + 0.5) is wrong twice over: ties go up, and x + 0.5 itself rounds for x just below a half (0.49999997 + 0.5
-    rounds to 1.0). x - floor(x) is exact (Sterbenz), so comparing that fraction with 0.5 is exact too.
+    Adding 1.5 * 2**23 pushes the fraction bits out of the fp32 significand, and the hardware's round-to-nearest-even
+    does the rounding; subtracting it back is exact. (floor(x + 0.5) would round ties up, and x + 0.5 itself rounds
+    for x just below a half.) Neither MLIR nor LLVM reassociates float adds without fast-math flags, which Triton
+    does not set; callers clamp first, so the range condition always holds.
     """
-    r = tl.floor(x)
-    frac = x - r
-    r_is_odd = (r - 2.0 * tl.floor(r * 0.5)) == 1.0
-    round_up = (frac > 0.5) | ((frac == 0.5) & r_is_odd)
-    return tl.where(round_up, r + 1.0, r)
+    return (x + RNE_MAGIC) - RNE_MAGIC
 
 
 @triton.jit
 def saturate_round(x, lo, hi):
     """round(x) clamped to [lo, hi], as float. Clamping first is equivalent (rounding is monotone and lo, hi are
-    integers) and keeps the value small enough for `round_half_even`'s float arithmetic to stay exact."""
+    integers), keeps `round_half_even` in range, and stops the compiler contracting a preceding multiply into the
+    magic add as an FMA (which would skip the product's own rounding)."""
     return round_half_even(tl.minimum(tl.maximum(x, lo), hi))
 
 
 @triton.jit
 def quantize_int8(x, scale):
-    """The reference's round(x / scale).clamp(-127, 127) with IEEE division, so it is bit-exact."""
+    """The reference's round(x / scale).clamp(-127, 127) with IEEE division (div_rn), so it is bit-exact."""
     return saturate_round(tl.math.div_rn(x, scale), -QMAX_F, QMAX_F).to(tl.int8)
+
+
+@triton.jit
+def quantize_int8_by_reciprocal(x, inv_scale):
+    """round(x * (1 / scale)): cheaper than an IEEE division per element, for ALU-heavy kernels whose input is not
+    bit-exact against the reference anyway; differs from round(x / scale) by at most 1 where x / scale sits within
+    an ulp of a half."""
+    return saturate_round(x * inv_scale, -QMAX_F, QMAX_F).to(tl.int8)
+
+
+@triton.jit
+def cast_rne(x, DTYPE: tl.constexpr):
+    """fp32 -> DTYPE with round-to-nearest-even, as torch's .to() does.
+
+    bfloat16 is rounded with integer arithmetic on the fp32 bits: the interpreter's own fp32 -> bf16 cast truncates,
+    and this form gives the same bits on the GPU (where it costs a few integer ops in an epilogue) and in the
+    interpreter, so the tests check the code the GPU runs.
+    """
+    if DTYPE == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(DTYPE)
 
 
 @triton.jit
@@ -100,15 +124,16 @@ def gelu_erf(x):
 
 @triton.jit
 def gelu_tanh(x):
-    """gelu(x, approximate='tanh'). tanh(u) = 1 - 2 / (exp(2u) + 1): tl has no tanh that also runs in the interpreter,
-    and this form saturates cleanly (exp overflow gives 1, underflow gives -1)."""
+    """gelu(x, approximate='tanh'), with tanh(u) = 1 - 2 / (exp(2u) + 1): tl has no tanh that also runs in the
+    interpreter. |u| is capped at 10, where fp32 tanh is already exactly +-1, so exp never overflows."""
     inner = SQRT_2_OVER_PI * (x + GELU_TANH_COEFF * x * x * x)
+    inner = tl.minimum(tl.maximum(inner, -10.0), 10.0)
     tanh_inner = 1.0 - 2.0 / (tl.exp(2.0 * inner) + 1.0)
     return 0.5 * x * (1.0 + tanh_inner)
 
 
 @triton.jit
-def apply_activation(y, ACTIVATION: tl.constexpr):
+def epilogue_activation(y, ACTIVATION: tl.constexpr):
     if ACTIVATION == 1:
         y = gelu_erf(y)
     elif ACTIVATION == 2:

@@ -11,8 +11,18 @@ output is requantized to INT8 as round(out / out_scale); otherwise cast to `out_
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
 
 from zqhero_fx.kernels._select import wants_triton
+from zqhero_fx.kernels._triton_common import (
+    QMAX_F,
+    cast_rne,
+    device_guard,
+    interpreting,
+    quantize_int8,
+    saturate_round,
+)
 from zqhero_fx.kernels.quantize import QMAX
 
 DEFAULT_P_SCALE = 1.0 / QMAX
@@ -51,9 +61,217 @@ def int8_attention_ref(q, k, v, attn_mask, qk_scale, p_scale, out_scale, is_caus
     return out.to(out_dtype)
 
 
-# ---------------------------------------------------------------- Triton kernel and launcher
+# ---------------------------------------------------------------- Triton kernel
+@triton.jit
+def _attention_scores(
+    q, k_base, mask_base, start_n, offs_m, offs_n, offs_d,
+    seqlen_q, seqlen_k, head_dim_qk, qk_scale,
+    stride_kn, stride_kd, stride_mm, stride_mn,
+    MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr,
+):
+    """Masked fp32 logits for one [BLOCK_M, BLOCK_N] tile: dot(q, k^T) * qk_scale + mask; -inf where masked."""
+    cols = start_n + offs_n
+    col_valid = cols < seqlen_k
+    # K^T tile [BLOCK_D, BLOCK_N] through K's strides: contiguous along D, the reduction dimension, which is the B
+    # layout INT8 tensor cores take, so no transpose is materialised. INT8 x INT8 -> INT32 is exact.
+    kt = tl.load(
+        k_base + offs_d[:, None] * stride_kd + cols[None, :].to(tl.int64) * stride_kn,
+        mask=(offs_d < head_dim_qk)[:, None] & col_valid[None, :],
+        other=0,
+    )
+    s = tl.dot(q, kt).to(tl.float32) * qk_scale
+    # Padding mask, read through broadcast strides (0 on broadcast dims): additive float or boolean keep-mask.
+    if MASK_KIND != 0:
+        mask_ptrs = mask_base + offs_m[:, None].to(tl.int64) * stride_mm + cols[None, :].to(tl.int64) * stride_mn
+        mask_valid = (offs_m < seqlen_q)[:, None] & col_valid[None, :]
+        if MASK_KIND == 1:
+            s = s + tl.load(mask_ptrs, mask=mask_valid, other=0.0).to(tl.float32)
+        else:
+            keep = tl.load(mask_ptrs, mask=mask_valid, other=0) != 0
+            s = tl.where(keep, s, float("-inf"))
+    # Causal mask aligned to the bottom-right corner, like the reference's tril(sk - sq).
+    if IS_CAUSAL:
+        s = tl.where(cols[None, :] <= offs_m[:, None] + (seqlen_k - seqlen_q), s, float("-inf"))
+    # Tail columns past the sequence end take no probability mass.
+    return tl.where(col_valid[None, :], s, float("-inf"))
+
+
+@triton.jit
+def _int8_attention_kernel(
+    q_ptr, k_ptr, v_ptr, mask_ptr, os_ptr, out_ptr,
+    qk_scale, inv_p_scale, p_scale,
+    H, seqlen_q, seqlen_k, head_dim_qk, head_dim_v,
+    sq_bucket, sk_bucket,  # autotune keys only: next powers of two of the sequence lengths
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_osb, stride_osh, stride_osm, stride_osd,
+    MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, QUANT_OUT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    # One program per (BLOCK_M queries, batch * head).
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_dqk = tl.arange(0, BLOCK_DQK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    row_valid = offs_m < seqlen_q
+    k_base = k_ptr + b * stride_kb + h * stride_kh
+    v_base = v_ptr + b * stride_vb + h * stride_vh
+    mask_base = mask_ptr + b * stride_mb + h * stride_mh
+
+    # The Q tile stays in registers for both passes.
+    q = tl.load(
+        q_ptr + b * stride_qb + h * stride_qh + offs_m[:, None].to(tl.int64) * stride_qm + offs_dqk[None, :] * stride_qd,
+        mask=row_valid[:, None] & (offs_dqk < head_dim_qk)[None, :],
+        other=0,
+    )
+    # With the causal mask, key blocks past the last query's diagonal are masked for every row here: skip them.
+    hi = seqlen_k
+    if IS_CAUSAL:
+        hi = tl.minimum(seqlen_k, (pid_m + 1) * BLOCK_M + seqlen_k - seqlen_q)
+
+    # Pass 1: the exact row max. Quantizing p against the final max (not a running one) is what the reference does,
+    # and it keeps P.V an exact INT32 sum over all key blocks: no rescaling of the accumulator is ever needed.
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    for start_n in range(0, hi, BLOCK_N):
+        s = _attention_scores(
+            q, k_base, mask_base, start_n, offs_m, offs_n, offs_dqk, seqlen_q, seqlen_k, head_dim_qk, qk_scale,
+            stride_kn, stride_kd, stride_mm, stride_mn, MASK_KIND, IS_CAUSAL,
+        )
+        m_i = tl.maximum(m_i, tl.max(s, axis=1))
+    # A fully-masked row has max -inf; 0 instead makes every exp(-inf - 0) = 0, so the row's output is 0.
+    m_i = tl.where(m_i == float("-inf"), 0.0, m_i)
+
+    # Pass 2: unnormalised probabilities, their row sum, INT8 quantization with the static p_scale, INT8 P.V.
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.int32)
+    for start_n in range(0, hi, BLOCK_N):
+        s = _attention_scores(
+            q, k_base, mask_base, start_n, offs_m, offs_n, offs_dqk, seqlen_q, seqlen_k, head_dim_qk, qk_scale,
+            stride_kn, stride_kd, stride_mm, stride_mn, MASK_KIND, IS_CAUSAL,
+        )
+        p = tl.exp(s - m_i[:, None])
+        l_i += tl.sum(p, axis=1)
+        # p in [0, 1]: round(p / p_scale) clamped to [0, 127], by reciprocal (an IEEE division per logit would cost
+        # more than the exp).
+        p_q = saturate_round(p * inv_p_scale, 0.0, QMAX_F).to(tl.int8)
+        cols = start_n + offs_n
+        v = tl.load(
+            v_base + cols[:, None].to(tl.int64) * stride_vn + offs_dv[None, :] * stride_vd,
+            mask=(cols < seqlen_k)[:, None] & (offs_dv < head_dim_v)[None, :],
+            other=0,
+        )
+        acc = tl.dot(p_q, v, acc)
+
+    # Normalise once at the end, in the reference's order: acc * p_scale / rowsum (a zero sum only on masked rows).
+    out = tl.math.div_rn(acc.to(tl.float32) * p_scale, tl.where(l_i > 0.0, l_i, 1.0)[:, None])
+    out_mask = row_valid[:, None] & (offs_dv < head_dim_v)[None, :]
+    out_ptrs = out_ptr + ((b * H + h) * seqlen_q + offs_m[:, None].to(tl.int64)) * head_dim_v + offs_dv[None, :]
+    if QUANT_OUT:
+        out_scale = tl.load(
+            os_ptr + b * stride_osb + h * stride_osh + offs_m[:, None].to(tl.int64) * stride_osm
+            + offs_dv[None, :] * stride_osd,
+            mask=out_mask,
+            other=1.0,
+        ).to(tl.float32)
+        tl.store(out_ptrs, quantize_int8(out, out_scale), mask=out_mask)
+    else:
+        tl.store(out_ptrs, cast_rne(out, out_ptr.dtype.element_ty), mask=out_mask)
+
+
+def _attention_config(block_m, block_n, num_warps, num_stages):
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=num_warps, num_stages=num_stages)
+
+
+# Bounded tuning space for A100/H100/H200 at head dims 32-128. Large BLOCK_M amortises the two K sweeps; BLOCK_N 128
+# suits long sequences, 64 the BERT-length ones (384 = 3 x 128 = 6 x 64).
+ATTENTION_CONFIGS = [
+    _attention_config(128, 64, 4, 2),
+    _attention_config(128, 64, 8, 3),
+    _attention_config(128, 128, 8, 2),
+    _attention_config(64, 64, 4, 2),
+    _attention_config(64, 128, 4, 3),
+]
+MAX_HEAD_DIM = 256
+
+
+def _prune_attention_configs(configs, named_args, **kwargs):
+    """Skip query tiles much taller than the query sequence."""
+    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= max(64, named_args["sq_bucket"])]
+    return kept or configs
+
+
+_int8_attention_kernel_tuned = triton.autotune(
+    configs=ATTENTION_CONFIGS,
+    key=["sq_bucket", "sk_bucket", "BLOCK_DQK", "BLOCK_DV", "MASK_KIND", "IS_CAUSAL", "QUANT_OUT"],
+    prune_configs_by={"early_config_prune": _prune_attention_configs},
+)(_int8_attention_kernel)
+
+
+# ---------------------------------------------------------------- launcher
 def int8_attention_triton(q, k, v, attn_mask, qk_scale, p_scale, out_scale, is_causal, out_dtype):
-    raise NotImplementedError("Triton int8_attention: written under issue 3")
+    if q.dim() == 3:
+        # [B * H, S, D]: a batch of one with B * H heads; the mask and out_scale still broadcast the same way.
+        out = int8_attention_triton(
+            q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), attn_mask, qk_scale, p_scale, out_scale, is_causal,
+            out_dtype,
+        )
+        return out.squeeze(0)
+    if q.dim() != 4:
+        raise ValueError(f"int8_attention: q must be [B, H, S, D] (or [B*H, S, D]); got {tuple(q.shape)}")
+    batch, heads, seqlen_q, head_dim_qk = q.shape
+    seqlen_k, head_dim_v = k.shape[-2], v.shape[-1]
+    if max(head_dim_qk, head_dim_v) > MAX_HEAD_DIM:
+        raise ValueError(f"int8_attention: head dims up to {MAX_HEAD_DIM} are supported; got {head_dim_qk}/{head_dim_v}")
+    out_shape = (batch, heads, seqlen_q, head_dim_v)
+    out = torch.empty(out_shape, dtype=torch.int8 if out_scale is not None else out_dtype, device=q.device)
+    if out.numel() == 0:
+        return out
+    if seqlen_k == 0:
+        return out.zero_()  # no keys: every row is fully masked
+
+    full = (batch, heads, seqlen_q, seqlen_k)
+    if attn_mask is None:
+        mask_kind, mask, mask_strides = 0, q, (0, 0, 0, 0)  # never read
+    else:
+        mask_kind = 2 if attn_mask.dtype == torch.bool else 1
+        mask = attn_mask.view(torch.uint8) if mask_kind == 2 else attn_mask
+        mask = mask.expand(full)  # broadcast dimensions get stride 0: no copy
+        mask_strides = mask.stride()
+    if out_scale is not None:
+        os_ = out_scale.expand(out_shape)
+        os_strides = os_.stride()
+    else:
+        os_, os_strides = q, (0, 0, 0, 0)  # never read
+
+    block_dqk = max(32, triton.next_power_of_2(head_dim_qk))
+    block_dv = max(32, triton.next_power_of_2(head_dim_v))
+    args = (
+        q, k, v, mask, os_, out,
+        float(qk_scale), 1.0 / float(p_scale), float(p_scale),
+        heads, seqlen_q, seqlen_k, head_dim_qk, head_dim_v,
+        triton.next_power_of_2(seqlen_q), triton.next_power_of_2(seqlen_k),
+        *q.stride(), *k.stride(), *v.stride(), *mask_strides, *os_strides,
+    )
+    flags = dict(
+        MASK_KIND=mask_kind, IS_CAUSAL=bool(is_causal), QUANT_OUT=out_scale is not None,
+        BLOCK_DQK=block_dqk, BLOCK_DV=block_dv,
+    )
+    with device_guard(q):
+        if interpreting():
+            # One small tile, no tuning (the interpreter is slow per program); still exercises tail blocks.
+            block_m = min(32, max(16, triton.next_power_of_2(seqlen_q)))
+            grid = (triton.cdiv(seqlen_q, block_m), batch * heads)
+            _int8_attention_kernel[grid](*args, **flags, BLOCK_M=block_m, BLOCK_N=32)
+        else:
+            grid = lambda meta: (triton.cdiv(seqlen_q, meta["BLOCK_M"]), batch * heads)  # noqa: E731
+            _int8_attention_kernel_tuned[grid](*args, **flags)
+    return out
 
 
 # ---------------------------------------------------------------- registration

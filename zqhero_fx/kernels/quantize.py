@@ -12,7 +12,14 @@ import triton
 import triton.language as tl
 
 from zqhero_fx.kernels._select import wants_triton
-from zqhero_fx.kernels._triton_common import MIN_SCALE_F, QMAX_F, as_rows, device_guard, quantize_int8
+from zqhero_fx.kernels._triton_common import (
+    MIN_SCALE_F,
+    QMAX_F,
+    as_rows,
+    cast_rne,
+    device_guard,
+    quantize_int8,
+)
 
 QMAX = 127
 MIN_SCALE = 1e-8
@@ -109,7 +116,7 @@ def _dequantize_kernel(
     q = tl.load(q_ptr + rows[:, None] * stride_qm + cols[None, :] * stride_qn, mask=mask, other=0)
     scale = tl.load(scale_ptr + rows[:, None] * stride_sm + cols[None, :] * stride_sn, mask=mask, other=0.0)
     out = q.to(tl.float32) * scale.to(tl.float32)
-    tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], cast_rne(out, out_ptr.dtype.element_ty), mask=mask)
 
 
 # ---------------------------------------------------------------- launchers

@@ -6,8 +6,11 @@
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
 
 from zqhero_fx.kernels._select import wants_triton
+from zqhero_fx.kernels._triton_common import cast_rne, device_guard, row_scale_operand
 
 
 # ---------------------------------------------------------------- reference (the spec)
@@ -17,9 +20,52 @@ def quantized_embedding_ref(indices, table_q, scale, out_dtype):
     return (rows * row_scale).to(out_dtype)
 
 
-# ---------------------------------------------------------------- Triton kernel and launcher
+# ---------------------------------------------------------------- Triton kernel
+@triton.jit
+def _quantized_embedding_kernel(
+    idx_ptr, table_ptr, scale_ptr, out_ptr,
+    n_tokens, vocab, dim,
+    stride_tv, stride_td, stride_sv,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # A [BLOCK_T tokens, BLOCK_D features] tile of the output.
+    toks = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    tok_valid = toks < n_tokens
+    mask = tok_valid[:, None] & (cols < dim)[None, :]
+    # Token ids; negative ids count from the end of the table, as tensor indexing (the reference) does.
+    idx = tl.load(idx_ptr + toks, mask=tok_valid, other=0).to(tl.int64)
+    idx = tl.where(idx < 0, idx + vocab, idx)
+    tl.device_assert((idx >= 0) & (idx < vocab), "quantized_embedding: index out of range")
+    # Gather the int8 rows and their scale (stride_sv = 0 for one scale per table), dequantize in fp32.
+    rows = tl.load(table_ptr + idx[:, None] * stride_tv + cols[None, :] * stride_td, mask=mask, other=0)
+    scale = tl.load(scale_ptr + idx * stride_sv, mask=tok_valid, other=0.0).to(tl.float32)
+    out = rows.to(tl.float32) * scale[:, None]
+    tl.store(out_ptr + toks[:, None].to(tl.int64) * dim + cols[None, :], cast_rne(out, out_ptr.dtype.element_ty), mask=mask)
+
+
+# ---------------------------------------------------------------- launcher
 def quantized_embedding_triton(indices, table_q, scale, out_dtype):
-    raise NotImplementedError("Triton quantized_embedding: written under issue 3")
+    vocab, dim = table_q.shape
+    out = torch.empty((*indices.shape, dim), dtype=out_dtype, device=table_q.device)
+    if out.numel() == 0:
+        return out
+    flat_idx = indices.reshape(-1)
+    if not flat_idx.is_contiguous():
+        flat_idx = flat_idx.contiguous()
+    scales, stride_sv = row_scale_operand(scale, vocab, "quantized_embedding scale")
+    n_tokens = flat_idx.numel()
+    block_d = min(triton.next_power_of_2(dim), 1024)
+    block_t = max(1, min(64, 4096 // block_d))
+    grid = (triton.cdiv(n_tokens, block_t), triton.cdiv(dim, block_d))
+    with device_guard(table_q):
+        _quantized_embedding_kernel[grid](
+            flat_idx, table_q, scales, out,
+            n_tokens, vocab, dim,
+            table_q.stride(0), table_q.stride(1), stride_sv,
+            BLOCK_T=block_t, BLOCK_D=block_d, num_warps=max(1, min(8, block_t * block_d // 512)),
+        )
+    return out
 
 
 # ---------------------------------------------------------------- registration

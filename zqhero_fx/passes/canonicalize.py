@@ -77,6 +77,30 @@ def _module_call(gm: fx.GraphModule, node: fx.Node):
     return None
 
 
+_LAYOUT_METHODS = {"view": aten.view.default, "reshape": aten.reshape.default, "permute": aten.permute.default}
+
+
+def _shape_args(node: fx.Node, start: int) -> list:
+    rest = list(node.args[start:])
+    return list(rest[0]) if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else rest
+
+
+def _layout_call(node: fx.Node):
+    """x.view(...), x.reshape(...), x.permute(...), x.transpose(a, b), x.contiguous() in their aten spelling."""
+    fn, name = node.target, node.target if node.op == "call_method" else None
+    x = node.args[0] if node.args else None
+    if not is_float_tensor(x) and val(x) is None:
+        return None
+    if name in _LAYOUT_METHODS or fn in (torch.reshape, torch.permute):
+        target = _LAYOUT_METHODS.get(name) or (aten.reshape.default if fn is torch.reshape else aten.permute.default)
+        return target, (x, _shape_args(node, 1)), {}
+    if (name == "transpose" or fn is torch.transpose) and len(node.args) == 3:
+        return aten.transpose.int, tuple(node.args), {}
+    if name == "contiguous" and len(node.args) == 1 and not node.kwargs:
+        return aten.contiguous.default, (x,), {}
+    return None
+
+
 def _function_call(node: fx.Node):
     """(target, args, kwargs) of the canonical call replacing a torch-level call, None to keep it, 'identity'."""
     fn, name = node.target, node.target if node.op == "call_method" else None
@@ -114,7 +138,7 @@ def _function_call(node: fx.Node):
             "is_causal": _arg(node, 5, "is_causal", False), "scale": _arg(node, 6, "scale")}
     if is_op(node, aten._softmax.default) and not node.args[2]:
         return SOFTMAX, (x, node.args[1]), {}
-    return None
+    return _layout_call(node)
 
 
 def _rewrite_calls(gm: fx.GraphModule) -> None:

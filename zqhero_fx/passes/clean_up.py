@@ -11,8 +11,9 @@ from zqhero_fx.passes._graph import eliminate_dead_code
 def clean_up(gm: fx.GraphModule) -> fx.GraphModule:
     eliminate_dead_code(gm)
     used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    called = {n.target for n in gm.graph.nodes if n.op == "call_module"}  # these modules read their own tensors
     for name, _ in list(gm.named_buffers()) + list(gm.named_parameters()):
-        if name not in used:
+        if name not in used and not any(name.startswith(m + ".") for m in called):
             owner, _, leaf = name.rpartition(".")
             module = gm.get_submodule(owner) if owner else gm
             delattr(module, leaf)

@@ -45,14 +45,16 @@ def _single_user(node: fx.Node):
     return next(iter(node.users)) if len(node.users) == 1 else None
 
 
-def _replace(gm: fx.GraphModule, old: fx.Node, new: fx.Node, origin: fx.Node, scale=None) -> None:
+def _replace(gm: fx.GraphModule, old: fx.Node, new: fx.Node, origin: fx.Node, scale=None, meta_from=None) -> None:
+    """Swap `old` for `new`; `origin` is the float node whose value `new` reproduces (times `scale` if INT8)."""
     new.meta["val"] = old.meta.get("val")
     new.meta["zq_origin"] = origin.name
     if scale is not None:
         new.meta["zq_origin_scale"] = scale
+    source = meta_from if meta_from is not None else origin
     for key in ("nn_module_stack", "zq_module_path", "zq_precision", "zq_scheme", "stack_trace"):
-        if key in origin.meta:
-            new.meta[key] = origin.meta[key]
+        if key in source.meta:
+            new.meta[key] = source.meta[key]
     old.replace_all_uses_with(new)
 
 
@@ -116,7 +118,8 @@ def lower_int8_linear(gm: fx.GraphModule, linear: fx.Node) -> bool:
         fused = gm.graph.call_function(zq.int8_linear.default,
                                        (xq, x_scale, wq_node, ws_node, bias, None, out_scale, activation, out_dtype))
     origin = last.args[0] if last is not linear and is_op(last, zq.quantize.default) else last
-    _replace(gm, last, fused, origin, scale=last.meta.get("zq_prefold_scale", param_of(gm, out_scale)) if out_scale is not None else None)
+    scale = last.meta.get("zq_prefold_scale", param_of(gm, out_scale)) if out_scale is not None else None
+    _replace(gm, last, fused, origin, scale=scale, meta_from=linear)
     fused.meta["zq_precision"] = "int8"
     return True
 
