@@ -100,12 +100,18 @@ def _embedding_layer_norm_quant_kernel(
         idx = tl.load(idx_ptrs[i] + tok_outer * stride_ir[i] + tok_inner * stride_ic[i], mask=tok_valid, other=0)
         idx = idx.to(tl.int64)
         idx = tl.where(idx < 0, idx + vocabs[i], idx)  # negative ids count from the end, as tensor indexing does
-        tl.device_assert((idx >= 0) & (idx < vocabs[i]), "embedding_layer_norm_quant: index out of range")
+        # Out-of-range ids are asserted with TRITON_DEBUG=1; otherwise they read zeros, never outside the table.
+        idx_valid = (idx >= 0) & (idx < vocabs[i])
+        tl.device_assert(idx_valid | ~tok_valid, "embedding_layer_norm_quant: index out of range")
         rows = tl.load(
-            table_ptrs[i] + idx[:, None] * stride_tv[i] + cols[None, :] * stride_td[i], mask=mask, other=0
+            table_ptrs[i] + idx[:, None] * stride_tv[i] + cols[None, :] * stride_td[i],
+            mask=mask & idx_valid[:, None],
+            other=0,
         ).to(tl.float32)
         if ((FLOAT_TABLES >> i) & 1) == 0:
-            row_scale = tl.load(scale_ptrs[i] + idx * stride_sv[i], mask=tok_valid, other=0.0).to(tl.float32)
+            row_scale = tl.load(
+                scale_ptrs[i] + idx * stride_sv[i], mask=tok_valid & idx_valid, other=0.0
+            ).to(tl.float32)
             rows = rows * row_scale[:, None]
         s = s + rows
 

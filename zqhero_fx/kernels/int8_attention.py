@@ -262,15 +262,16 @@ def int8_attention_triton(q, k, v, attn_mask, qk_scale, p_scale, out_scale, is_c
         MASK_KIND=mask_kind, IS_CAUSAL=bool(is_causal), QUANT_OUT=out_scale is not None,
         BLOCK_DQK=block_dqk, BLOCK_DV=block_dv,
     )
+    # enable_fp_fusion=False: logits * qk_scale + mask must round like the reference's two separate ops, not as an FMA.
     with device_guard(q):
         if interpreting():
             # One small tile, no tuning (the interpreter is slow per program); still exercises tail blocks.
             block_m = min(32, max(16, triton.next_power_of_2(seqlen_q)))
             grid = (triton.cdiv(seqlen_q, block_m), batch * heads)
-            _int8_attention_kernel[grid](*args, **flags, BLOCK_M=block_m, BLOCK_N=32)
+            _int8_attention_kernel[grid](*args, **flags, BLOCK_M=block_m, BLOCK_N=32, enable_fp_fusion=False)
         else:
             grid = lambda meta: (triton.cdiv(seqlen_q, meta["BLOCK_M"]), batch * heads)  # noqa: E731
-            _int8_attention_kernel_tuned[grid](*args, **flags)
+            _int8_attention_kernel_tuned[grid](*args, **flags, enable_fp_fusion=False)
     return out
 
 

@@ -200,14 +200,16 @@ def int8_linear_triton(xq, x_scale, wq, w_scale, bias, residual, out_scale, acti
         HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
         ACTIVATION=ACTIVATION_CODES[activation], QUANT_OUT=out_scale is not None,
     )
+    # enable_fp_fusion=False: no FMA contraction of the epilogue's multiply-adds, so each fp32 rounding happens where
+    # the reference's separate ops round, and the float output is bit-identical to it (GeLU aside).
     with device_guard(xq):
         if interpreting():
             cfg = INTERPRETER_CONFIG
             grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
-            _int8_linear_kernel[grid](*args, **flags, **cfg)
+            _int8_linear_kernel[grid](*args, **flags, **cfg, enable_fp_fusion=False)
         else:
             grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-            _int8_linear_kernel_tuned[grid](*args, **flags)
+            _int8_linear_kernel_tuned[grid](*args, **flags, enable_fp_fusion=False)
     return out
 
 

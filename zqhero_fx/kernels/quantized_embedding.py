@@ -33,15 +33,21 @@ def _quantized_embedding_kernel(
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     tok_valid = toks < n_tokens
     mask = tok_valid[:, None] & (cols < dim)[None, :]
+    store_mask = mask
     # Token ids; negative ids count from the end of the table, as tensor indexing (the reference) does.
     idx = tl.load(idx_ptr + toks, mask=tok_valid, other=0).to(tl.int64)
     idx = tl.where(idx < 0, idx + vocab, idx)
-    tl.device_assert((idx >= 0) & (idx < vocab), "quantized_embedding: index out of range")
+    # An out-of-range id is an error (asserted with TRITON_DEBUG=1); without the assert its row reads as zeros
+    # rather than touching memory outside the table.
+    idx_valid = (idx >= 0) & (idx < vocab)
+    tl.device_assert(idx_valid | ~tok_valid, "quantized_embedding: index out of range")
+    tok_valid = tok_valid & idx_valid
+    mask = mask & idx_valid[:, None]
     # Gather the int8 rows and their scale (stride_sv = 0 for one scale per table), dequantize in fp32.
     rows = tl.load(table_ptr + idx[:, None] * stride_tv + cols[None, :] * stride_td, mask=mask, other=0)
     scale = tl.load(scale_ptr + idx * stride_sv, mask=tok_valid, other=0.0).to(tl.float32)
     out = rows.to(tl.float32) * scale[:, None]
-    tl.store(out_ptr + toks[:, None].to(tl.int64) * dim + cols[None, :], cast_rne(out, out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + toks[:, None].to(tl.int64) * dim + cols[None, :], cast_rne(out, out_ptr.dtype.element_ty), mask=store_mask)
 
 
 # ---------------------------------------------------------------- launcher

@@ -32,7 +32,8 @@ def _pattern_int8_linear(xq, x_scale, weight, bias, out_scale):
 
 def _pattern_int8_attention(q, k, v, unit, mask, out_scale):
     deq = zq.dequantize.default
-    out = aten.scaled_dot_product_attention.default(deq(q, unit), deq(k, unit), deq(v, unit), attn_mask=mask)
+    out = aten.scaled_dot_product_attention.default(deq(q, unit), deq(k, unit), deq(v, unit), attn_mask=mask,
+                                                    scale=0.125)
     return zq.quantize.default(out, out_scale)
 
 
@@ -124,9 +125,14 @@ def lower_int8_linear(gm: fx.GraphModule, linear: fx.Node) -> bool:
     return True
 
 
+def _attention_scale(attn: fx.Node) -> float:
+    scale = attn.kwargs.get("scale")
+    return float(scale) if scale is not None else float(val(attn.args[0]).shape[-1]) ** -0.5
+
+
 def lower_int8_attention(gm: fx.GraphModule, attn: fx.Node, softmax_scale: float) -> bool:
     """quant(attn(dequant(q, 1), dequant(k, 1), dequant(v, 1)), r) => zqhero.int8_attention(q, k, v, …, r)."""
-    if not is_op(attn, ATTENTION) or attn.meta.get("zq_precision") != "int8":
+    if not is_op(attn, ATTENTION):
         return False
     deqs = attn.args[:3]
     if not all(is_op(d, zq.dequantize.default) and float(param_of(gm, d.args[1]).reshape(-1)[0]) == 1.0
@@ -139,7 +145,7 @@ def lower_int8_attention(gm: fx.GraphModule, attn: fx.Node, softmax_scale: float
         last, out_scale = user, user.args[1]
     with gm.graph.inserting_before(last):
         fused = gm.graph.call_function(zq.int8_attention.default, (
-            q, k, v, attn.kwargs.get("attn_mask"), float(attn.kwargs["scale"]), float(softmax_scale), out_scale,
+            q, k, v, attn.kwargs.get("attn_mask"), float(_attention_scale(attn)), float(softmax_scale), out_scale,
             bool(attn.kwargs.get("is_causal", False)), val(attn).dtype))
     _replace(gm, last, fused, attn, scale=last.meta.get("zq_prefold_scale") if out_scale is not None else None)
     return True

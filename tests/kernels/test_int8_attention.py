@@ -1,0 +1,173 @@
+"""int8_attention: INT8 QK^T, softmax with INT8 probabilities, INT8 P.V, against the reference.
+
+The kernel makes two passes over the keys (exact row max, then quantized P.V against it), so it quantizes p exactly as
+the reference does; what differs is only exp's last bit and the order of the row sum. Float outputs therefore agree to
+a few ulps, and an INT8 output or a probability that sits within an ulp of a rounding boundary can move one step.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tests.kernels.kernel_checks import DEVICES, assert_int8_close, random_int8, run_reference, run_triton
+from zqhero_fx.kernels import int8_attention as A
+
+P_SCALE = 1.0 / 127
+
+
+def make_inputs(b, h, sq, sk, d, seed, *, mask="none", causal=False, out_scale=None, out_dtype=torch.float32,
+                temperature=1.0):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = random_int8((b, h, sq, d), g), random_int8((b, h, sk, d), g), random_int8((b, h, sk, d), g)
+    # s_q * s_k * 1/sqrt(d) for activations whose absmax maps to 127: logits of order +-10 at temperature 1.
+    qk_scale = temperature * (4.0 / 127) ** 2 / math.sqrt(d)
+    if mask == "float":  # BERT's additive padding mask [B, 1, 1, Sk]: the last keys of each sequence padded
+        m = torch.zeros(b, 1, 1, sk)
+        for i in range(b):
+            m[i, ..., max(1, sk - 3 * i - 2):] = torch.finfo(torch.float32).min if i % 2 else float("-inf")
+    elif mask == "bool":  # a full [B, 1, Sq, Sk] keep-mask
+        m = torch.rand(b, 1, sq, sk, generator=g) > 0.3
+    elif mask == "bool_heads":  # broadcast over batch and queries, one pattern per head
+        m = torch.rand(1, h, 1, sk, generator=g) > 0.5
+    elif mask == "float_2d":  # [Sq, Sk]: broadcasts over batch and heads
+        m = torch.randn(sq, sk, generator=g)
+    else:
+        m = None
+    if out_scale == "feature":  # FWQ on the attention output: [H, 1, D]
+        os_ = torch.rand(h, 1, d, generator=g) * 0.5 + 0.3
+    elif out_scale == "scalar":
+        os_ = torch.tensor([0.5])
+    else:
+        os_ = None
+    return (q, k, v, m, qk_scale, P_SCALE, os_, causal, out_dtype)
+
+
+def check(args, device):
+    out = run_triton("int8_attention", device, *args)
+    ref = run_reference("int8_attention", *args)
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    if out.dtype == torch.int8:
+        assert_int8_close(out, ref)
+    else:
+        # Outputs are in units of V's int8 values (|out| <= 127). Almost all agree to float rounding; a probability
+        # flipping one INT8 step moves its row by at most 127 * p_scale / rowsum <= 1.
+        diff = (out.float() - ref.float()).abs()
+        tight = 1e-4 * (1 + ref.float().abs()) if out.dtype == torch.float32 else 2e-2 * (1 + ref.float().abs())
+        assert diff.max() <= 1.0 + float(tight.max()), float(diff.max())
+        assert (diff > tight).float().mean() <= 1e-3, float((diff > tight).float().mean())
+    return out, ref
+
+
+CASES = [  # (B, H, Sq, Sk, D)
+    (1, 1, 1, 1, 32),
+    (2, 3, 17, 17, 64),
+    (1, 2, 130, 130, 128),
+    (2, 2, 5, 130, 64),
+    (1, 1, 130, 7, 32),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mask", ["none", "float", "bool", "bool_heads", "float_2d"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c)))
+def test_int8_attention_masks(device, case, mask):
+    check(make_inputs(*case, seed=1, mask=mask), device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("out_scale", ["feature", "scalar"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c)))
+def test_int8_attention_causal_requantized(device, case, out_scale):
+    # Causal with Sq < Sk, Sq > Sk (early queries see no key at all) and Sq == Sk; INT8 output.
+    check(make_inputs(*case, seed=2, mask="float", causal=True, out_scale=out_scale), device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("out_dtype", [torch.float16, torch.bfloat16])
+def test_int8_attention_half_outputs(device, out_dtype):
+    check(make_inputs(2, 2, 33, 40, 64, seed=3, mask="bool", out_dtype=out_dtype), device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_int8_attention_fully_masked_rows_give_zero(device):
+    args = list(make_inputs(2, 2, 6, 20, 32, seed=4, mask="bool"))
+    mask = args[3]
+    mask[0, :, 2] = False  # query 2 of batch 0 attends to nothing
+    mask[1] = False  # batch 1 attends to nothing at all
+    out, ref = check(tuple(args), device)
+    assert torch.all(out[0, :, 2] == 0) and torch.all(out[1] == 0)
+    assert not torch.isnan(out).any()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_int8_attention_peaked_and_flat_softmax(device):
+    # Very sharp logits (one key takes all the mass, p_q = 127 / 0) and very flat ones (every p_q near 127).
+    check(make_inputs(1, 2, 20, 50, 64, seed=5, temperature=50.0), device)
+    check(make_inputs(1, 2, 20, 50, 64, seed=5, temperature=1e-3), device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_int8_attention_strided_heads(device):
+    # q, k, v as the projections produce them: [B, S, H * D] viewed as [B, S, H, D] and transposed to
+    # [B, H, S, D]; V also as a [B, H, D, S] tensor transposed back (K-major for the P.V dot).
+    g = torch.Generator().manual_seed(6)
+    b, s, h, d = 2, 19, 3, 32
+    q = random_int8((b, s, h * d), g).view(b, s, h, d).transpose(1, 2)
+    k = random_int8((b, s, h * d), g).view(b, s, h, d).transpose(1, 2)
+    v = random_int8((b, h, d, s), g).transpose(-1, -2)
+    assert not q.is_contiguous() and v.stride(-2) == 1
+    check((q, k, v, None, 0.001, P_SCALE, None, False, torch.float32), device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_int8_attention_three_dim_inputs(device):
+    q, k, v, *rest = make_inputs(1, 4, 9, 12, 32, seed=7)
+    check((q[0], k[0], v[0], torch.zeros(12), *rest[1:]), device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@settings(deadline=None, max_examples=8)
+@given(
+    b=st.integers(1, 2), h=st.integers(1, 3), sq=st.integers(1, 70), sk=st.integers(1, 70),
+    d=st.sampled_from([32, 64, 128, 48]), mask=st.sampled_from(["none", "float", "bool", "bool_heads"]),
+    causal=st.booleans(), out_scale=st.sampled_from([None, "feature", "scalar"]),
+    temperature=st.sampled_from([0.1, 1.0, 10.0]), seed=st.integers(0, 2**31 - 1),
+)
+def test_int8_attention_hypothesis(device, b, h, sq, sk, d, mask, causal, out_scale, temperature, seed):
+    check(
+        make_inputs(b, h, sq, sk, d, seed, mask=mask, causal=causal, out_scale=out_scale, temperature=temperature),
+        device,
+    )
+
+
+# ---------------------------------------------------------------- reference semantics
+def test_reference_uniform_attention_averages_v():
+    # Equal logits: every p is exp(0) = 1 -> p_q = 127, so the output is exactly the mean of V.
+    v = random_int8((1, 1, 8, 32), torch.Generator().manual_seed(8))
+    q = torch.zeros(1, 1, 3, 32, dtype=torch.int8)
+    out = A.int8_attention_ref(q, q[:, :, :1].expand(1, 1, 8, 32), v, None, 0.1, P_SCALE, None, False, torch.float32)
+    torch.testing.assert_close(out, v.float().mean(-2, keepdim=True).expand(1, 1, 3, 32), rtol=1e-6, atol=1e-5)
+
+
+def test_reference_quantizes_probabilities_before_normalisation():
+    # Two keys with logits 0 and log(0.5): p = [1, 0.5] -> p_q = [127, 64] (round(63.5) = 64), out = (127 v0 + 64 v1)
+    # * p_scale / 1.5. Checks the INT8 step happens on the unnormalised p, with the reference's rounding.
+    k = torch.tensor([[[[1], [0]]]], dtype=torch.int8)
+    q = torch.tensor([[[[1]]]], dtype=torch.int8)
+    v = torch.tensor([[[[100], [-50]]]], dtype=torch.int8)
+    mask = torch.tensor([0.0, math.log(0.5)]) - torch.tensor([1.0, 0.0])  # logits 1 - 1 = 0 and log(0.5)
+    out = A.int8_attention_ref(q, k, v, mask, 1.0, P_SCALE, None, False, torch.float32)
+    p = torch.exp(torch.tensor([0.0, math.log(0.5)]))
+    expected = (torch.round(p / P_SCALE) * torch.tensor([100.0, -50.0])).sum() * P_SCALE / p.sum()
+    torch.testing.assert_close(out.flatten(), expected.reshape(1))
+
+
+def test_autotune_space_is_bounded():
+    assert 0 < len(A.ATTENTION_CONFIGS) <= 8
+    for sq in (1, 64, 512):
+        assert A._prune_attention_configs(A.ATTENTION_CONFIGS, {"sq_bucket": sq})

@@ -1,0 +1,147 @@
+"""The torch.library side of the ops: schemas and fake impls (torch.compile tracing), and kernel selection."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.kernels.kernel_checks import INTERPRET, random_int8
+from zqhero_fx.kernels import (
+    OPS,
+    embedding_layer_norm_quant,
+    int8_attention,
+    int8_linear,
+    layer_norm_quant,
+    quantize,
+    quantized_embedding,
+    use_kernels,
+)
+
+
+def sample_calls():
+    """One small, representative call per op: (op name, args)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 16, generator=g)
+    q8 = random_int8((2, 5, 16), g)
+    w = random_int8((12, 16), g)
+    qa = random_int8((2, 2, 5, 32), g)
+    table = random_int8((10, 16), g)
+    return [
+        ("quantize_per_token", (x,)),
+        ("quantize", (x, torch.rand(16, generator=g) + 0.1)),
+        ("dequantize", (q8, torch.rand(2, 5, 1, generator=g), torch.float16)),
+        ("layer_norm_quant", (x.half(), x.float(), torch.ones(16), torch.zeros(16), 1e-5, True, True)),
+        ("layer_norm_quant", (x, None, torch.ones(16), None, 1e-5, False, True)),
+        ("int8_linear", (q8, torch.rand(2, 5, 1), w, torch.rand(12), torch.rand(12), None, torch.rand(12), "gelu",
+                         torch.float32)),
+        ("int8_linear", (q8, torch.rand(1), w, torch.rand(12), None, torch.randn(2, 5, 12).half(), None, "none",
+                         torch.float16)),
+        ("int8_attention", (qa, qa, qa, torch.zeros(2, 1, 1, 5), 0.01, 1 / 127, None, False, torch.float32)),
+        ("int8_attention", (qa, qa, qa, None, 0.01, 1 / 127, torch.rand(2, 1, 32), True, torch.float32)),
+        ("quantized_embedding", (torch.randint(0, 10, (2, 3), generator=g), table, torch.rand(10, 1), torch.float32)),
+        ("embedding_layer_norm_quant", (
+            [torch.randint(0, 10, (2, 3), generator=g), torch.arange(3)[None]],
+            [table, torch.randn(4, 16, generator=g)],
+            [torch.rand(10, 1), torch.empty(0)],
+            torch.ones(16), None, 1e-12, True,
+        )),
+    ]
+
+
+CALLS = sample_calls()
+CALL_IDS = [f"{name}-{i}" for i, (name, _) in enumerate(CALLS)]
+
+
+def test_every_op_has_a_reference_and_a_registration():
+    assert set(OPS) == {
+        "quantize_per_token", "quantize", "dequantize", "layer_norm_quant", "int8_linear", "int8_attention",
+        "quantized_embedding", "embedding_layer_norm_quant",
+    }
+    for name in OPS:
+        assert hasattr(torch.ops.zqhero, name)
+    assert {name for name, _ in CALLS} == set(OPS)
+
+
+@pytest.mark.parametrize("choice", [
+    "reference",
+    pytest.param("triton", marks=pytest.mark.skipif(not INTERPRET, reason="needs TRITON_INTERPRET=1")),
+])
+@pytest.mark.parametrize("name, args", CALLS, ids=CALL_IDS)
+def test_opcheck(name, args, choice):
+    # Schema, fake impl (shapes/dtypes/devices match the real outputs) and AOT-dispatch tracing, which is what
+    # torch.compile relies on, for both implementations.
+    with use_kernels(choice):
+        torch.library.opcheck(
+            getattr(torch.ops.zqhero, name).default, args,
+            test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"),
+        )
+
+
+@pytest.mark.skipif(not INTERPRET, reason="needs TRITON_INTERPRET=1")
+def test_torch_compile_traces_the_ops_and_keeps_the_runtime_choice():
+    # fullgraph: every op must trace through its fake impl. The choice is made when the op runs, not when it is
+    # traced, so one compiled graph follows use_kernels.
+    g = torch.Generator().manual_seed(1)
+    x, residual = torch.randn(3, 24, generator=g), torch.randn(3, 24, generator=g)
+    w = random_int8((8, 24), g)
+
+    def block(x, residual):
+        q, s, _, summed = torch.ops.zqhero.layer_norm_quant(x, residual, torch.ones(24), None, 1e-5, False, True)
+        y = torch.ops.zqhero.int8_linear(q, s, w, torch.full((8,), 0.01), None, None, None, "gelu", torch.float32)
+        return y, summed
+
+    compiled = torch.compile(block, backend="aot_eager", fullgraph=True)
+    with use_kernels("reference"):
+        expected = block(x, residual)
+        got_reference = compiled(x, residual)
+    with use_kernels("triton"):
+        calls = []
+        original = int8_linear.int8_linear_triton
+
+        def spy(*args):
+            calls.append(1)
+            return original(*args)
+
+        int8_linear.int8_linear_triton = spy
+        try:
+            got_triton = compiled(x, residual)
+        finally:
+            int8_linear.int8_linear_triton = original
+    assert calls, "the compiled graph should have run the Triton kernel under use_kernels('triton')"
+    for got in (got_reference, got_triton):
+        torch.testing.assert_close(got[0], expected[0], rtol=1e-5, atol=1e-5)
+        assert torch.equal(got[1], expected[1])
+
+
+LAUNCHERS = [
+    (quantize, "quantize_per_token_triton", "quantize_per_token"),
+    (layer_norm_quant, "layer_norm_quant_triton", "layer_norm_quant"),
+    (int8_linear, "int8_linear_triton", "int8_linear"),
+    (int8_attention, "int8_attention_triton", "int8_attention"),
+    (quantized_embedding, "quantized_embedding_triton", "quantized_embedding"),
+    (embedding_layer_norm_quant, "embedding_layer_norm_quant_triton", "embedding_layer_norm_quant"),
+]
+
+
+@pytest.mark.parametrize("module, launcher, name", LAUNCHERS, ids=[n for _, _, n in LAUNCHERS])
+def test_kernel_selection(module, launcher, name, monkeypatch):
+    # auto and reference keep CPU tensors on the reference; triton (by use_kernels or $ZQHERO_KERNELS) forces the
+    # launcher; without the interpreter, forcing it on CPU is a clear error rather than a crash in Triton.
+    args = next(a for n, a in CALLS if n == name)
+    calls = []
+    monkeypatch.setattr(module, launcher, lambda *a: calls.append(1) or OPS[name](*a))
+    op = getattr(torch.ops.zqhero, name)
+    monkeypatch.delenv("ZQHERO_KERNELS", raising=False)
+    op(*args)
+    with use_kernels("reference"):
+        op(*args)
+    assert not calls
+    with use_kernels("triton"):
+        op(*args)
+    assert len(calls) == 1
+    monkeypatch.setenv("ZQHERO_KERNELS", "triton")
+    op(*args)
+    assert len(calls) == 2
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        op(*args)

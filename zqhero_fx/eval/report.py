@@ -1,0 +1,219 @@
+"""Reports of a ``zqhero eval`` run: the console table (rich if installed, else plain text), JSON, markdown, PNG.
+
+All of them are made from the dict :func:`zqhero_fx.eval.run.evaluate` returns, so a saved ``results.json`` can be
+re-rendered later (``render_table(json.load(open(...)))``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["columns", "table_rows", "render_table", "to_markdown", "write_json", "write_markdown", "write_plot",
+           "write_all"]
+
+
+def _num(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _fmt_metric(entry: dict | None, spec: dict) -> str:
+    if not entry or not _num(entry.get("value")):
+        return "—"
+    scale, digits = (100.0, 2) if spec.get("percent") else (1.0, 4)
+    text = f"{entry['value'] * scale:.{digits}f}"
+    if _num(entry.get("stderr")):
+        text += f" ±{entry['stderr'] * scale:.{digits}f}"
+    elif entry.get("ci") and all(_num(v) for v in entry["ci"]):
+        lo, hi = entry["ci"]
+        text += f" [{lo * scale:.{digits - 1}f}, {hi * scale:.{digits - 1}f}]"
+    return text
+
+
+def _fmt_delta(entry: dict | None, spec: dict) -> str:
+    if not entry or not _num(entry.get("delta")):
+        return "—"
+    scale, digits = (100.0, 2) if spec.get("percent") else (1.0, 4)
+    return f"{entry['delta'] * scale:+.{digits}f}"
+
+
+def _fmt(x, digits: int, suffix: str = "") -> str:
+    return f"{x:.{digits}f}{suffix}" if _num(x) else "—"
+
+
+def columns(report: dict) -> list[str]:
+    """Column headers: mode, each task metric and its change against FP32, agreement, cosines, latency, size."""
+    cols = ["mode"]
+    for spec in report["metrics"]:
+        unit = " (%)" if spec.get("percent") else ""
+        cols += [f"{spec['label']}{unit}", f"Δ {spec['label']}"]
+    shape = report.get("timing", {}).get("batch_shape")
+    lat = f"latency ms ({shape[0]}x{shape[1]})" if shape else "latency ms"
+    return cols + ["agreement", "cos mean", "cos min", lat, "speed-up", "size MB"]
+
+
+def table_rows(report: dict) -> list[list[str]]:
+    out = []
+    for row in report["rows"]:
+        cells = [row["mode"]]
+        for spec in report["metrics"]:
+            entry = row["metrics"].get(spec["key"])
+            cells += [_fmt_metric(entry, spec), _fmt_delta(entry, spec)]
+        cells += [_fmt(row.get("agreement"), 4), _fmt(row.get("cos_mean"), 5), _fmt(row.get("cos_min"), 5),
+                  _fmt(row.get("latency_ms"), 1), _fmt(row.get("speedup"), 2, "x"), _fmt(row.get("size_mb"), 1)]
+        out.append(cells)
+    return out
+
+
+def _title(report: dict) -> str:
+    m = report.get("machine", {})
+    where = m.get("gpu") or f"{m.get('cpu', '?')}, {m.get('torch_threads', '?')} threads"
+    return f"zqhero eval — {report['model']} — {m.get('device', '?')} ({where})"
+
+
+def _notes(report: dict) -> list[str]:
+    notes = ["± is the standard error (binomial); [a, b] a 95% bootstrap interval"
+             + (" (Lee: resampling documents)" if report.get("suite") == "default" else "") + ".",
+             "Δ: difference to fp32; agreement: predictions equal to fp32's; cos: cosine of the mean-pooled "
+             "embedding to fp32's, per text.",
+             "latency: median over timed batches on this machine; speed-up = fp32 latency / latency; size: bytes "
+             "of the tensors the model reads (weights, scales, tables)."]
+    return notes
+
+
+def render_table(report: dict, file=None) -> str:
+    """Print the table (rich if installed) and return its plain-text form."""
+    file = file or sys.stdout
+    cols, rows = columns(report), table_rows(report)
+    plain = _plain(cols, rows)
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        print(_title(report), file=file)
+        print(plain, file=file)
+        for n in _notes(report):
+            print("  " + n, file=file)
+        return plain
+    table = Table(title=_title(report), caption="\n".join(_notes(report)), caption_justify="left")
+    for i, c in enumerate(cols):
+        table.add_column(c, justify="left" if i == 0 else "right", no_wrap=i == 0)
+    for r in rows:
+        table.add_row(*r)
+    Console(file=file, width=max(120, min(220, sum(len(c) for c in cols) + 3 * len(cols)))).print(table)
+    return plain
+
+
+def _plain(cols: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c) for i, c in enumerate(cols)]
+    line = "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cols, widths)))
+    sep = "  ".join("-" * w for w in widths)
+    body = ["  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths))) for r in rows]
+    return "\n".join([line, sep, *body])
+
+
+def to_markdown(report: dict) -> str:
+    cols, rows = columns(report), table_rows(report)
+    head = "| " + " | ".join(cols) + " |"
+    align = "|" + "|".join(":---" if i == 0 else "---:" for i in range(len(cols))) + "|"
+    body = ["| " + " | ".join(r) + " |" for r in rows]
+    m = report.get("machine", {})
+    cal = report.get("calibration", {})
+    lines = [f"## {_title(report)}", "", head, align, *body, ""]
+    lines += [f"- {n}" for n in _notes(report)]
+    lines += [
+        f"- command: `{report.get('command') or 'zqhero eval'}`",
+        f"- date: {report.get('date')}; device: {m.get('device')}; CPU: {m.get('cpu')} ({m.get('cpu_count')} cores, "
+        f"{m.get('torch_threads')} torch threads); torch {m.get('torch')}, transformers {m.get('transformers')}",
+        f"- calibration: {cal.get('batches')} batches, {cal.get('sequences')} sequences up to {cal.get('max_seq')} "
+        f"tokens, from {cal.get('split')}",
+        f"- total runtime: {report.get('runtime_s', float('nan')):.0f} s",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _jsonable(x: Any):
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return _jsonable(x.tolist())
+    if isinstance(x, np.generic):
+        return _jsonable(x.item())
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, Path):
+        return str(x)
+    return x
+
+
+def write_json(report: dict, path: Path) -> Path:
+    path.write_text(json.dumps(_jsonable(report), indent=1) + "\n")
+    return path
+
+
+def write_markdown(report: dict, path: Path) -> Path:
+    path.write_text(to_markdown(report))
+    return path
+
+
+def write_plot(report: dict, path: Path) -> Path:
+    """Accuracy against speed: one panel per task metric, one point per mode (error bars: the uncertainty)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    specs = [s for s in report["metrics"] if s.get("main") or report.get("suite") == "default"]
+    specs = specs or [{"key": None, "label": "cosine to fp32 (mean)", "percent": False}]
+    fig, axes = plt.subplots(1, len(specs), figsize=(4.6 * len(specs), 3.8), squeeze=False)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, spec in zip(axes[0], specs):
+        scale = 100.0 if spec.get("percent") else 1.0
+        for i, row in enumerate(report["rows"]):
+            x = row.get("speedup")
+            if spec["key"] is None:
+                y, err = row.get("cos_mean") if row["mode"] != report["baseline"] else 1.0, None
+            else:
+                entry = row["metrics"].get(spec["key"], {})
+                y = entry.get("value")
+                if _num(entry.get("stderr")):
+                    err = entry["stderr"] * scale
+                elif entry.get("ci") and all(_num(v) for v in entry["ci"]):
+                    err = np.array([[y - entry["ci"][0]], [entry["ci"][1] - y]]) * scale
+                else:
+                    err = None
+            if not (_num(x) and _num(y)):
+                continue
+            ax.errorbar([x], [y * scale if spec["key"] else y], yerr=err, fmt="o", capsize=3,
+                        color=colours[i % len(colours)], label=row["mode"])
+            ax.annotate(row["mode"], (x, y * scale if spec["key"] else y), textcoords="offset points",
+                        xytext=(6, 4), fontsize=9)
+        ax.axvline(1.0, color="#999999", lw=0.8, ls="--")
+        ax.set_xlabel("speed-up vs fp32 (median batch latency)")
+        ax.set_ylabel(spec["label"] + (" (%)" if spec.get("percent") else ""))
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8, loc="best")
+    m = report.get("machine", {})
+    fig.suptitle(f"{report['model']} — {m.get('device')} ({m.get('gpu') or m.get('cpu')})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_all(report: dict, out_dir: Path | str) -> dict[str, Path]:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    return {
+        "json": write_json(report, out / "results.json"),
+        "markdown": write_markdown(report, out / "results.md"),
+        "plot": write_plot(report, out / "accuracy_vs_speed.png"),
+    }
