@@ -34,6 +34,7 @@ from typing import Any, Callable
 
 import torch
 import torch.fx as fx
+import torch.fx.experimental._config
 import torch.utils._pytree as pytree
 
 from zqhero_fx.api import convert
@@ -494,9 +495,13 @@ def _compile_entry(backend: ZqheroBackend | None = None) -> _Entry | None:
     return None
 
 
+_SIZE_OBLIVIOUS: list = []  # the config patch held open from a zqhero compile's start callback to its end callback
+
+
 def _on_compile_start(_args=None) -> None:
     """Before Dynamo traces a frame for a zqhero backend: mark the compiled call's batch and sequence dims dynamic,
-    so the first graph already accepts other sizes (and the calibration set runs through that same graph)."""
+    so the first graph already accepts other sizes (and the calibration set runs through that same graph), and trace
+    sizes size-obliviously, so a batch of one reuses that graph instead of compiling one specialised to 1."""
     try:
         for frame in _compile_wrapper_frames():
             backend = _backend_of(frame.f_locals.get("callback"))
@@ -505,9 +510,17 @@ def _on_compile_start(_args=None) -> None:
             ctx = frame.f_locals.get("self")
             if backend.dynamic and getattr(ctx, "_dynamic", None) is not False:
                 _mark_dynamic((frame.f_locals.get("args"), frame.f_locals.get("kwargs")))
+                patch = torch.fx.experimental._config.patch(backed_size_oblivious=True)
+                patch.__enter__()
+                _SIZE_OBLIVIOUS.append(patch)
             return
     except Exception:  # never break a compile from here
         log.debug("zqhero: could not mark the compiled call's inputs dynamic", exc_info=True)
+
+
+def _on_compile_end(_args=None) -> None:
+    while _SIZE_OBLIVIOUS:
+        _SIZE_OBLIVIOUS.pop().__exit__(None, None, None)
 
 
 # ---------------------------------------------------------------- torch.compile(backend="zqhero", options=...)
@@ -553,8 +566,10 @@ def _register() -> None:
     if BACKEND_NAME not in registry._COMPILER_FNS and registry._BACKENDS.get(BACKEND_NAME) is None:
         # Skipped while torch loads us through the torch_dynamo_backends entry point: it registers the name itself.
         registry.register_backend(zqhero_backend, name=BACKEND_NAME)
-    if _on_compile_start not in torch._dynamo.callback_handler.start_callbacks:
-        torch._dynamo.callback_handler.register_start_callback(_on_compile_start)
+    handler = torch._dynamo.callback_handler
+    if _on_compile_start not in handler.start_callbacks:
+        handler.register_start_callback(_on_compile_start)
+        handler.register_end_callback(_on_compile_end)
 
 
 _register()

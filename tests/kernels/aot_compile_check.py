@@ -124,6 +124,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, nargs="+", default=[80, 90])
     parser.add_argument("--all-configs", action="store_true", help="compile every autotune config for every launch")
+    parser.add_argument("--quick", action="store_true", help="only the first autotune config of each launch")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
 
@@ -145,7 +146,8 @@ def main(argv=None):
         for launch_no, (largs, lkwargs) in enumerate(rec.launches):
             if isinstance(rec.kernel, Autotuner):
                 # Every config for the first launch (or all with --all-configs), the first config otherwise.
-                configs = rec.kernel.configs if (launch_no == 0 or args.all_configs) else rec.kernel.configs[:1]
+                every = args.all_configs or (launch_no == 0 and not args.quick)
+                configs = rec.kernel.configs if every else rec.kernel.configs[:1]
                 variants = [
                     (c, {**lkwargs, **c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages})
                     for c in configs

@@ -1,0 +1,54 @@
+import json
+import struct
+
+import pytest
+import torch
+
+import zqhero_fx
+from tests.models import ConvNet, bert_batch
+
+
+def test_round_trip_gives_identical_outputs_without_recalibration(bert_traced, bert_calibration, tmp_path):
+    _, gm = bert_traced("h64_l2")
+    q = zqhero_fx.convert(gm, "M3", calibration=bert_calibration)
+    path = zqhero_fx.save(q, tmp_path / "model.zq.safetensors")
+    loaded = zqhero_fx.load(path)
+    for batch, seq in [(2, 12), (5, 33)]:
+        test = bert_batch(batch, seq, pad_from=seq - 3, seed=seq)
+        a, b = q(**test), loaded(**test)
+        assert type(a) is type(b)
+        assert torch.equal(a.last_hidden_state, b.last_hidden_state) and torch.equal(a.pooler_output, b.pooler_output)
+    assert loaded.meta["zqhero"]["mode"] == "M3"
+    assert zqhero_fx.ops_histogram(loaded) == zqhero_fx.ops_histogram(q)
+
+
+def test_file_is_plain_safetensors_with_int8_weights(bert_traced, tmp_path):
+    _, gm = bert_traced("h64_l2")
+    path = zqhero_fx.save(zqhero_fx.convert(gm, "M1"), tmp_path / "m1.safetensors")
+    raw = path.read_bytes()
+    header_len = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8:8 + header_len])
+    assert "zqhero_fx" in header["__metadata__"]
+    dtypes = {v["dtype"] for k, v in header.items() if k != "__metadata__"}
+    assert "I8" in dtypes
+    assert b"\x80\x04" not in raw[:8 + header_len]  # no pickle protocol marker in the header
+
+
+def test_refuses_graphs_with_module_calls(tmp_path):
+    gm = torch.fx.symbolic_trace(ConvNet().eval())
+    q = zqhero_fx.convert(gm, "M1", example_inputs=(torch.randn(2, 3, 8, 8),))
+    with pytest.raises(zqhero_fx.SerializationError, match="calls module 'conv'"):
+        zqhero_fx.save(q, tmp_path / "conv.safetensors")
+
+
+def test_load_rejects_foreign_files(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.ones(2)}, str(tmp_path / "plain.safetensors"))
+    with pytest.raises(zqhero_fx.SerializationError, match="no zqhero_fx graph"):
+        zqhero_fx.load(tmp_path / "plain.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(zqhero_fx.SerializationError, match="not a safetensors file"):
+        zqhero_fx.load(tmp_path / "junk.safetensors")
+    with pytest.raises(zqhero_fx.SerializationError, match="no saved model"):
+        zqhero_fx.load(tmp_path / "missing.safetensors")
