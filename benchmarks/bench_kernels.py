@@ -293,13 +293,15 @@ def run(args) -> dict:
                 x, s = randn(tokens, hidden, dtype=half), randn(hidden).abs() * 0.05
                 moved = tokens * hidden * (x.element_size() + 1)
                 bench.check("quantize", triton_op("quantize", x, s)(), OPS["quantize"](x, s), atol=0, int8_steps=0)
-                for impl, fn in (("triton", triton_op("quantize", x, s)), ("reference (unfused)", ref_op("quantize", x, s))):
+                for impl, fn in (("triton", triton_op("quantize", x, s)),
+                                 ("reference (unfused)", ref_op("quantize", x, s))):
                     bench.add("quantize", elementwise_shape, impl, fn, bytes_moved=moved, tokens=tokens)
 
             if "dequantize" in args.kernels:
                 qx, s = rand_int8(tokens, hidden), randn(tokens, 1).abs() * 0.05
                 moved = tokens * hidden * (1 + torch.finfo(half).bits // 8) + tokens * 4
-                bench.check("dequantize", triton_op("dequantize", qx, s, half)(), OPS["dequantize"](qx, s, half), atol=0)
+                bench.check("dequantize", triton_op("dequantize", qx, s, half)(), OPS["dequantize"](qx, s, half),
+                            atol=0)
                 for impl, fn in (("triton", triton_op("dequantize", qx, s, half)),
                                  ("reference (unfused)", ref_op("dequantize", qx, s, half))):
                     bench.add("dequantize", elementwise_shape, impl, fn, bytes_moved=moved, tokens=tokens)

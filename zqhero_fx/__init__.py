@@ -21,8 +21,9 @@ from zqhero_fx.errors import (
 from zqhero_fx.kernels import use_kernels
 from zqhero_fx.modes import MODES, QuantConfig
 from zqhero_fx.serialize import load, save
+from zqhero_fx.inductor import compile
 
 __all__ = [
-    "trace", "convert", "save", "load", "ops_histogram", "use_kernels", "MODES", "QuantConfig",
+    "trace", "convert", "compile", "save", "load", "ops_histogram", "use_kernels", "MODES", "QuantConfig",
     "ZqheroError", "CaptureError", "ConfigError", "CalibrationError", "FoldError", "PassError", "SerializationError",
 ]

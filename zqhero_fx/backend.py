@@ -37,8 +37,8 @@ import torch.fx as fx
 import torch.fx.experimental._config
 import torch.utils._pytree as pytree
 
-from zqhero_fx.api import convert
-from zqhero_fx.errors import CalibrationError, ConfigError
+from zqhero_fx import api
+from zqhero_fx.errors import CalibrationError, CaptureError, ConfigError
 from zqhero_fx.modes import QuantConfig, resolve_mode, resolve_overrides
 from zqhero_fx.passes._graph import module_path, weight_module_path
 
@@ -69,8 +69,8 @@ def _is_module_scalar(node: fx.Node, source: str) -> bool:
 
 
 def module_path_of_source(source: str) -> str:
-    """`L['self']._modules['encoder']._modules['layer']._modules['0']._parameters['weight']` -> `encoder.layer.0.weight`;
-    other roots keep their name: `G['model']._modules['fc']._parameters['bias']` -> `model.fc.bias`."""
+    """A Dynamo source as a module path: `L['self']._modules['layer']._modules['0']._parameters['weight']` ->
+    `layer.0.weight`; other roots keep their name: `G['model']._modules['fc']._parameters['bias']` -> `model.fc.bias`."""
     path = re.sub(r"^L\['self'\]", "", source)
     path = re.sub(r"^[LG]\['([^']+)'\]", r"\1", path)
     path = re.sub(r"\._(?:modules|parameters|buffers)\['([^']+)'\]", r".\1", path)
@@ -119,7 +119,7 @@ def freeze(gm: fx.GraphModule, example_inputs, names: dict[int, str] | None = No
     keep: list[int] = []
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     if len(placeholders) != len(example_inputs):
-        raise ConfigError(f"Dynamo graph has {len(placeholders)} inputs but {len(example_inputs)} example inputs")
+        raise CaptureError(f"Dynamo graph has {len(placeholders)} inputs but {len(example_inputs)} example inputs")
     first_use = next((n for n in graph.nodes if n.op != "placeholder"), None)
     for index, (node, example) in enumerate(zip(placeholders, example_inputs)):
         source = _source_name(node)
@@ -176,13 +176,17 @@ def _constants_allowed(gm: fx.GraphModule):
         mode.allow_non_fake_inputs = before
 
 
-def _dynamic_output_dims(gm: fx.GraphModule) -> list[tuple[int, list[int]]]:
-    """(output index, its symbolic dims) for every tensor output: the dims to keep dynamic across a graph break."""
+def _output_examples(gm: fx.GraphModule) -> list:
+    """Dynamo's example value of each graph output (fake tensors, SymInts, constants)."""
     output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
     values = output.args[0] if isinstance(output.args[0], (tuple, list)) else (output.args[0],)
+    return [v.meta.get("example_value", v.meta.get("val")) if isinstance(v, fx.Node) else v for v in values]
+
+
+def _dynamic_output_dims(gm: fx.GraphModule) -> list[tuple[int, list[int]]]:
+    """(output index, its symbolic dims) for every tensor output: the dims to keep dynamic across a graph break."""
     dims = []
-    for i, value in enumerate(values):
-        example = value.meta.get("example_value", value.meta.get("val")) if isinstance(value, fx.Node) else None
+    for i, example in enumerate(_output_examples(gm)):
         if isinstance(example, torch.Tensor):
             symbolic = [d for d, size in enumerate(example.shape) if isinstance(size, torch.SymInt)]
             if symbolic:
@@ -190,10 +194,55 @@ def _dynamic_output_dims(gm: fx.GraphModule) -> list[tuple[int, list[int]]]:
     return dims
 
 
-def _mark_dynamic(tree, max_dims: int | None = DYNAMIC_DIMS) -> None:
+def _output_kinds(gm: fx.GraphModule) -> list:
+    """Per output: ("tensor", rank, dtype) or the Python type of a non-tensor, for comparing recompiles' outputs."""
+    return [("tensor", e.dim(), e.dtype) if isinstance(e, torch.Tensor) else type(e).__name__
+            for e in _output_examples(gm)]
+
+
+_SIZE_SOURCE = re.compile(r"(.*)\.size\(\)\[(\d+)\]")
+
+
+def _input_builder(mine: list[str], theirs: list[str]) -> Callable[[list], list] | None:
+    """Build another graph's inputs from this graph's, matched by Dynamo source; a size input may be read off the
+    tensor it belongs to. None unless every input of this graph is also one of the other graph's (else the other
+    graph baked in something this one takes as an input)."""
+    position = {source: i for i, source in enumerate(mine)}
+    if not mine or "" in position or not set(position) <= set(theirs):
+        return None
+    getters = []
+    for source in theirs:
+        size = _SIZE_SOURCE.fullmatch(source)
+        if source in position:
+            getters.append((position[source], None))
+        elif size and size.group(1) in position:
+            getters.append((position[size.group(1)], int(size.group(2))))
+        else:
+            return None
+    return lambda xs: [xs[i] if dim is None else xs[i].size(dim) for i, dim in getters]
+
+
+def _same_values(a, b) -> bool:
+    a, b = pytree.tree_leaves(a), pytree.tree_leaves(b)
+    if len(a) != len(b):
+        return False
+    for x, y in zip(a, b):
+        if isinstance(x, torch.Tensor) != isinstance(y, torch.Tensor):
+            return False
+        if isinstance(x, torch.Tensor):
+            if x.shape != y.shape or x.dtype != y.dtype or \
+                    not torch.allclose(x, y, rtol=1e-4, atol=1e-5, equal_nan=True):
+                return False
+        elif x != y:
+            return False
+    return True
+
+
+def _mark_dynamic(tree) -> None:
+    """maybe_mark_dynamic the batch and sequence dims of every tensor in `tree`."""
     for leaf in pytree.tree_leaves(tree):
         if isinstance(leaf, torch.Tensor) and leaf.dim() >= 1:
-            torch._dynamo.maybe_mark_dynamic(leaf, list(range(leaf.dim() if max_dims is None else min(leaf.dim(), max_dims))))
+            torch._dynamo.maybe_mark_dynamic(leaf, list(range(min(leaf.dim(), DYNAMIC_DIMS))))
 
 
 def _snapshot(values: list) -> list:
@@ -210,7 +259,9 @@ class CapturedGraph:
         float_graph: the frozen float graph (`freeze`) that `convert` receives.
         quantized_graph: the GraphModule `convert` returned, None until converted.
         calibrated_on: how many recorded batches the conversion used (0 for fp / M1).
-        source: "calibration set" or "first calls": what the recorded batches were.
+        source: "calibration set" or "first calls": what the recorded batches were; for a graph that runs the
+            quantized graph of a sibling (see `delegate`), "sibling <compile id>".
+        delegate: the CapturedGraph whose quantized graph this one runs, or None.
     """
 
     def __init__(self, backend: "ZqheroBackend", index: int, gm: fx.GraphModule, example_inputs, names):
@@ -218,11 +269,20 @@ class CapturedGraph:
         self.dynamo_graph = gm
         self.compile_id = str(gm.meta.get("dynamo_compile_id", index))
         self.float_graph, self.keep = freeze(gm, example_inputs, names)
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        self.input_sources = [_source_name(placeholders[i]) for i in self.keep]
         self.quantized_graph: fx.GraphModule | None = None
-        self.calibrated_on, self.source = 0, None
+        self.calibrated_on, self.source, self.delegate = 0, None, None
         self.recorded: list[list] = []
         self._run: Callable | None = None
+        self._tried_delegation = False
         self._output_dims = _dynamic_output_dims(gm)
+        self._output_kinds = _output_kinds(gm)
+
+    @property
+    def frame(self) -> str:
+        """Dynamo's frame id: recompiles of the same code share it (compile ids "3/0", "3/1", ...)."""
+        return self.compile_id.split("/")[0]
 
     @property
     def converted(self) -> bool:
@@ -231,27 +291,54 @@ class CapturedGraph:
     def __call__(self, *args):
         inputs = [args[i] for i in self.keep]
         out = self._run(*inputs) if self._run is not None else self.backend._run_unconverted(self, inputs)
-        for i, dims in self._output_dims:  # a graph break's resume frame then traces these dims as dynamic too
-            if i < len(out) and isinstance(out[i], torch.Tensor):
-                torch._dynamo.maybe_mark_dynamic(out[i], dims)
+        if self.backend.dynamic:  # a graph break's resume frame then traces these dims as dynamic too
+            for i, dims in self._output_dims:
+                if i < len(out) and isinstance(out[i], torch.Tensor):
+                    torch._dynamo.maybe_mark_dynamic(out[i], dims)
         return out
 
     def run_float(self, inputs: list):
         return self.float_graph(*inputs)
 
+    def try_delegation(self, inputs: list, out) -> bool:
+        """Run a calibrated sibling's quantized graph from now on, if one computes what this graph does.
+
+        A sibling is another graph of the same frame (a recompile: other shape specialisations, grad mode) that
+        takes the same inputs, or more general ones derivable from them (a size of one of them), and returns
+        outputs of the same kinds. Checked once, on this call's inputs: the sibling's float graph must reproduce
+        `out`, this graph's float result. Used for graphs that saw no calibration batch, e.g. one Dynamo compiled
+        for the very first call before the calibration set was fed.
+        """
+        self._tried_delegation = True
+        for sibling in reversed(self.backend.graphs):
+            if sibling is self or sibling.frame != self.frame or sibling.delegate is not None or not sibling.converted:
+                continue
+            build = _input_builder(self.input_sources, sibling.input_sources)
+            if build is None or sibling._output_kinds != self._output_kinds:
+                continue
+            with torch.no_grad():
+                if not _same_values(out, sibling.run_float(build(inputs))):
+                    continue
+            quantized = sibling.quantized_graph
+            self._run = lambda *xs: quantized(*build(list(xs)))
+            self.delegate, self.source = sibling, f"sibling {sibling.compile_id}"
+            self.quantized_graph, self.calibrated_on, self.recorded = quantized, sibling.calibrated_on, []
+            return True
+        return False
+
     def convert(self, batches: list, source: str | None) -> None:
         backend = self.backend
         dump_dir = backend.dump_dir or os.environ.get("ZQHERO_DUMP_DIR") or None
         with _constants_allowed(self.float_graph), torch.no_grad():
-            quantized = convert(self.float_graph, backend.config, calibration=batches or None,
-                                overrides=backend._overrides_for(self),
-                                dump_dir=os.path.join(dump_dir, f"graph_{self.index}") if dump_dir else None)
+            quantized = api.convert(self.float_graph, backend.config, calibration=batches or None,
+                                    overrides=backend._overrides_for(self),
+                                    dump_dir=os.path.join(dump_dir, f"graph_{self.index}") if dump_dir else None)
             run = backend._compile(quantized)
         self.quantized_graph, self.calibrated_on, self.source = quantized, len(batches), source
         self.recorded = []
         self._run = run
         for listener in list(backend._listeners):
-            listener(self)
+            listener(quantized)
 
     def __repr__(self) -> str:
         state = f"quantized on {self.calibrated_on} batches ({self.source})" if self.converted and self.source \
@@ -308,14 +395,16 @@ class ZqheroBackend:
         self.calibration_calls = calibration_calls
         self.inductor, self.dump_dir, self.dynamic = bool(inductor), dump_dir, bool(dynamic)
         self.graphs: list[CapturedGraph] = []
-        self._listeners: list[Callable[[CapturedGraph], None]] = []
+        self._listeners: list[Callable[[fx.GraphModule], None]] = []
         self._names: dict[int, str] = {}
         self._named_modules: weakref.WeakSet = weakref.WeakSet()
         # "pending": a calibration set waits to be fed; "feeding": it is being fed; "ready": graphs calibrate alone
         self._state = "pending" if calibration and self.config.needs_calibration else "ready"
+        _install_compile_hooks()
 
     # -- Dynamo's side
     def __call__(self, gm: fx.GraphModule, example_inputs) -> CapturedGraph:
+        _install_compile_hooks()
         entry = _compile_entry(self)
         if entry is not None and entry.module is not None:
             self._learn_names(entry.module)
@@ -331,19 +420,22 @@ class ZqheroBackend:
         from torch._inductor.compile_fx import compile_fx
 
         fakes = [n.meta["val"] for n in quantized.graph.nodes if n.op == "placeholder"]
-        compiled = compile_fx(quantized, fakes)
-        if getattr(compiled, "_boxed_call", False):
-            return lambda *args: compiled(list(args))
-        return compiled
+        return compile_fx(quantized, fakes)  # aot_module_simplified's forward: called unboxed, f(*args)
 
     def _run_unconverted(self, graph: CapturedGraph, inputs: list):
         if self._state == "pending":
             self._calibrate_from_call_stack()
             if graph.converted:  # this graph saw the calibration set during the re-entrant calls
                 return graph._run(*inputs)
-        graph.recorded.append(_snapshot(inputs))
+        if self._state == "feeding":
+            graph.recorded.append(_snapshot(inputs))
+            return graph.run_float(inputs)
+        snapshot = _snapshot(inputs)
         out = graph.run_float(inputs)
-        if self._state != "feeding" and len(graph.recorded) >= self.calibration_calls:
+        if not graph._tried_delegation and not graph.recorded and graph.try_delegation(inputs, out):
+            return graph._run(*inputs)
+        graph.recorded.append(snapshot)
+        if len(graph.recorded) >= self.calibration_calls:
             graph.convert(graph.recorded, "first calls")
         return out
 
@@ -357,8 +449,11 @@ class ZqheroBackend:
         """
         if self.calibration is None:
             raise CalibrationError("this backend has no calibration set: pass calibration=[batch, ...]")
+        if not self.config.needs_calibration:
+            return  # fp / M1: graphs converted when Dynamo compiled them
         if self._state == "feeding":
             raise CalibrationError("calibrate() called while the calibration set is being fed")
+        _install_compile_hooks()
         self._state = "feeding"
         for graph in self.graphs:
             graph.recorded = []
@@ -416,8 +511,15 @@ class ZqheroBackend:
                                   f"(module paths look like: {examples})")
         return {p: v for p, v in self.overrides.items() if any(fnmatch.fnmatchcase(m, p) for m in mine)}
 
-    def add_graph_listener(self, listener: Callable[[CapturedGraph], None]) -> None:
-        """Call `listener(captured_graph)` each time a graph is converted (tests record the produced graphs so)."""
+    def reset(self) -> None:
+        """Forget the captured graphs; torch._dynamo.reset() calls this. Dynamo compiles afresh on the next call,
+        and a calibration set is fed again."""
+        self.graphs = []
+        if self.calibration and self.config.needs_calibration:
+            self._state = "pending"
+
+    def add_graph_listener(self, listener: Callable[[fx.GraphModule], None]) -> None:
+        """Call `listener(quantized_graph)` each time a graph is converted (tests/harness.py records them so)."""
         self._listeners.append(listener)
 
     @staticmethod
@@ -554,10 +656,23 @@ def zqhero_backend(gm: fx.GraphModule, example_inputs, *, options: dict | None =
     return _backend_for_options(options, mode)(gm, example_inputs)
 
 
+zqhero_backend.reset = _BY_OPTIONS.clear  # torch._dynamo.reset() drops the backends made from options dicts
+
+
 def backend(mode=DEFAULT_MODE, **options) -> ZqheroBackend:
     """`torch.compile(model, backend=zqhero_fx.backend(mode="M3", calibration=batches))`: the backend as an object,
     with `.calibrate(compiled_model)` and `.graphs` (see ZqheroBackend for the options)."""
     return ZqheroBackend(mode, **options)
+
+
+def _install_compile_hooks() -> None:
+    """(Re)install the compile start/end callbacks; torch._dynamo.reset() clears them, so every backend entry point
+    calls this."""
+    handler = torch._dynamo.callback_handler
+    if _on_compile_start not in handler.start_callbacks:
+        handler.register_start_callback(_on_compile_start)
+    if _on_compile_end not in handler.end_callbacks:
+        handler.register_end_callback(_on_compile_end)
 
 
 def _register() -> None:
@@ -566,10 +681,7 @@ def _register() -> None:
     if BACKEND_NAME not in registry._COMPILER_FNS and registry._BACKENDS.get(BACKEND_NAME) is None:
         # Skipped while torch loads us through the torch_dynamo_backends entry point: it registers the name itself.
         registry.register_backend(zqhero_backend, name=BACKEND_NAME)
-    handler = torch._dynamo.callback_handler
-    if _on_compile_start not in handler.start_callbacks:
-        handler.register_start_callback(_on_compile_start)
-        handler.register_end_callback(_on_compile_end)
+    _install_compile_hooks()
 
 
 _register()

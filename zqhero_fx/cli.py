@@ -285,6 +285,25 @@ _FALLBACK_SENTENCES = [
 ]
 
 
+def _unpadded_batch(tokenizer, columns, max_len: int, device, rows: int = 16):
+    """Up to ``rows`` texts of the same token length (the longest length that has at least 8), so that the SQNR report
+    is not diluted by padded positions, whose values no one reads."""
+    import torch
+
+    from zqhero_fx.eval.run import _tokenize
+
+    sample = [list(c[:2048]) for c in columns]
+    encoded = _tokenize(tokenizer, sample, max_len)
+    by_len: dict[int, list[int]] = {}
+    for i, r in enumerate(encoded):
+        by_len.setdefault(len(r["input_ids"]), []).append(i)
+    lengths = [n for n, ix in by_len.items() if len(ix) >= 8 and n > 2] or [n for n, ix in by_len.items() if len(ix) >= 2]
+    if not lengths:
+        return None
+    ix = by_len[max(lengths)][:rows]
+    return {k: torch.tensor([encoded[i][k] for i in ix], dtype=torch.long, device=device) for k in encoded[0]}
+
+
 def cmd_dump(args, parser) -> int:
     _check_model_args(parser, args)
     _offline_env(args.model)
@@ -320,7 +339,12 @@ def cmd_dump(args, parser) -> int:
             columns, source = list(texts(dd[split], task)), f"{task.name} {split}"
     batches, info = build_calibration(tokenizer, columns, n_batches=args.calib_batches, batch_size=16,
                                       max_length=max_len, cover_length=0, seed=args.seed, device=device)
-    print(f"[zqhero] calibration: {info['batches']} batches from {source}", file=sys.stderr)
+    report_batch = _unpadded_batch(tokenizer, columns, max_len, device)
+    if report_batch is not None:  # the SQNR report uses the first batch: make it one without padding
+        batches.insert(0, report_batch)
+    print(f"[zqhero] calibration: {len(batches)} batches from {source}; the SQNR report uses "
+          f"{'an unpadded batch of ' if report_batch is not None else 'a batch of '}"
+          f"{list(batches[0]['input_ids'].shape)} tokens", file=sys.stderr)
     gm = _trace(model, batches[0])
     start = time.perf_counter()
     with torch.no_grad():
@@ -370,6 +394,11 @@ def _bench_script() -> Path | None:
 
 
 def cmd_bench(args, parser) -> int:
+    return _bench(list(args.rest))
+
+
+def _bench(rest: list[str]) -> int:
+    """`zqhero bench ARGS...` -> benchmarks/bench_e2e.py's main(ARGS) (all arguments, --help included, go to it)."""
     path = _bench_script()
     if path is None:
         print(f"{PROG} bench: benchmarks/bench_e2e.py is not in this checkout (it ships with the source tree, not "
@@ -383,15 +412,22 @@ def cmd_bench(args, parser) -> int:
     if not hasattr(module, "main"):
         print(f"{PROG} bench: {path} has no main()", file=sys.stderr)
         return 2
+    saved = sys.argv
+    sys.argv = [f"{PROG} bench", *rest]  # so that its usage line reads `zqhero bench`
     try:
-        result = module.main(args.rest)
-    except TypeError:  # a main() that reads sys.argv itself
-        sys.argv = [str(path), *args.rest]
-        result = module.main()
+        try:
+            result = module.main(rest)
+        except TypeError:  # a main() without parameters reads sys.argv itself
+            result = module.main()
+    finally:
+        sys.argv = saved
     return int(result or 0)
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    if argv[:1] == ["bench"]:  # everything after `bench` belongs to the benchmark's own parser
+        return _bench(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.version:
@@ -405,8 +441,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    import warnings
+
     from zqhero_fx.errors import ZqheroError
 
+    # deepcopy of torch.export's pytree specs inside convert: noise for a command-line user
+    warnings.filterwarnings("ignore", message=r".*LeafSpec.*", category=FutureWarning)
     sub = parser._subparsers._group_actions[0].choices[args.command]  # type: ignore[union-attr]
     try:
         return args.func(args, sub)

@@ -2,44 +2,69 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[2]
-SCRIPT = REPO / "benchmarks" / "bench_kernels.py"
+from tests.kernels.kernel_checks import INTERPRET
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_kernels.py"
 
 
-def _run(*args):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    return subprocess.run([sys.executable, str(SCRIPT), *args], env=env, cwd=REPO, capture_output=True, text=True,
-                          timeout=600)
+@pytest.fixture(scope="module")
+def bench():
+    # In-process: this session already imported the kernels in the mode the script's smoke run needs.
+    spec = importlib.util.spec_from_file_location("bench_kernels", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_kernels"] = module  # dataclasses resolve their annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
 
 
-def test_smoke_mode_runs_every_benchmark(tmp_path):
+@pytest.mark.skipif(not INTERPRET, reason="the smoke mode runs the kernels in the Triton interpreter")
+def test_smoke_mode_runs_every_benchmark(bench, tmp_path, capsys):
     out = tmp_path / "bench.json"
-    proc = _run("--cpu-interpret", "--out", str(out))
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert bench.main(["--cpu-interpret", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["mode"] == "cpu-interpret"
-    kernels = {r["kernel"] for r in result["records"]}
-    assert kernels == {
-        "layer_norm_quant", "int8_linear", "int8_attention", "quantize_per_token", "quantize", "dequantize",
-        "quantized_embedding", "embedding_layer_norm_quant",
-    }
+    assert {r["kernel"] for r in result["records"]} == set(bench.KERNELS)
     impls = {(r["kernel"], r["impl"]) for r in result["records"]}
-    assert ("int8_linear", "torch._int_mm + epilogue") in impls and ("int8_attention", "fp16 SDPA (masked)") in impls
-    assert all(r["ms"] > 0 for r in result["records"])
-    assert "| kernel | shape | impl |" in proc.stdout
+    for expected in [
+        ("layer_norm_quant", "F.layer_norm + quantize"),
+        ("int8_linear", "torch._int_mm + epilogue"),
+        ("int8_linear", "fp16 cuBLAS (F.linear)"),
+        ("int8_attention", "fp16 SDPA (masked)"),
+    ]:
+        assert expected in impls
+    assert all(r["ms"] > 0 and r["value"] >= 0 for r in result["records"])
+    assert "| kernel | shape | impl |" in capsys.readouterr().out
+
+
+def test_targets_are_evaluated_from_records(bench):
+    # The H100 targets read the right rows: a fake record set that meets two and misses one.
+    rec = bench.Record
+    records = [
+        rec("layer_norm_quant", "B64 S384 [24576x768]", "triton", 0.02, "GB/s", 2900.0, 0.87, 24576),
+        rec("int8_linear", "B32 S384 ffn1 [12288x768]x[768x3072]", "triton", 0.1, "TOPS", 1.0, 0.5, 12288),
+        rec("int8_linear", "B32 S384 ffn1 [12288x768]x[768x3072]", "torch._int_mm + epilogue", 0.15, "TOPS", 1.0,
+            0.5, 12288),
+        rec("int8_linear", "B32 S384 ffn1 [12288x768]x[768x3072]", "fp16 cuBLAS (F.linear)", 0.12, "TOPS", 1.0,
+            0.5, 12288),
+        rec("int8_attention", "B32 S384 [32x12x384x64]", "triton", 0.1, "TOPS", 1.0, 0.5, 12288),
+        rec("int8_attention", "B32 S384 [32x12x384x64]", "fp16 SDPA (masked)", 0.14, "TOPS", 1.0, 0.5, 12288),
+    ]
+    met = {t["target"].split(" >=")[0] + " " + t["target"].split(" ")[2]: t["met"]
+           for t in bench.check_targets(records, "test")}
+    assert met == {
+        "layer_norm_quant 80%": True, "int8_linear 1.0x": True, "int8_linear 1.6x": False, "int8_attention 1.3x": True,
+    }
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA exit")
-def test_without_cuda_exits_cleanly():
-    proc = _run("--batches", "1", "--seqs", "128")
-    assert proc.returncode == 0
-    assert "no CUDA device" in proc.stdout
+def test_without_cuda_exits_cleanly(bench, capsys):
+    assert bench.main(["--batches", "1", "--seqs", "128"]) == 0
+    assert "no CUDA device" in capsys.readouterr().out

@@ -52,9 +52,9 @@ def test_m3_bert_triton_matches_reference(converted_bert):
     if ops:
         assert any(name.startswith("zqhero.int8_linear") for name in ops), ops
     batch = _batch(2, 8, seed=2, pad_from=5)
-    with zqhero_fx.use_kernels("reference"):
+    with torch.no_grad(), zqhero_fx.use_kernels("reference"):
         reference = _last_hidden_state(q(**batch))
-    with zqhero_fx.use_kernels("triton"):
+    with torch.no_grad(), zqhero_fx.use_kernels("triton"):
         triton_out = _last_hidden_state(q(**batch))
     assert triton_out.shape == reference.shape == (2, 8, 64)
     assert torch.isfinite(triton_out).all()

@@ -143,3 +143,11 @@ def test_autotune_space_is_bounded_and_valid():
     for m_bucket in (1, 16, 64, 4096):
         kept = LIN._prune_gemm_configs(LIN.GEMM_CONFIGS, {"m_bucket": m_bucket})
         assert kept and all(c.kwargs["BLOCK_M"] <= max(32, 2 * m_bucket) for c in kept)
+
+
+@pytest.mark.parametrize("k", [1, 2, 8])
+def test_reference_gemm_is_exact_for_tiny_k(k):
+    # torch._int_mm on CPU gets K == 1 wrong; the reference must not inherit that.
+    g = torch.Generator().manual_seed(k)
+    a, b = random_int8((5, k), g), random_int8((7, k), g)
+    assert torch.equal(LIN.int8_matmul_ref(a, b), a.int() @ b.int().t())

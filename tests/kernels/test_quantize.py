@@ -7,7 +7,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.kernels.kernel_checks import DEVICES, FLOAT_DTYPES, random_activations, random_int8, run_reference, run_triton
+from tests.kernels.kernel_checks import (
+    DEVICES,
+    FLOAT_DTYPES,
+    random_activations,
+    random_int8,
+    run_reference,
+    run_triton,
+)
 from zqhero_fx.kernels import _triton_common
 from zqhero_fx.kernels import quantize as Q
 
@@ -153,8 +160,9 @@ def test_quantize_static_bit_exact(device, scale_kind, dtype):
 @pytest.mark.parametrize("device", DEVICES)
 @settings(deadline=None, max_examples=10)
 @given(
-    rows=st.integers(1, 40), cols=st.integers(1, 200), scale_kind=st.sampled_from(["scalar", "per_feature", "per_token"]),
-    kind=st.sampled_from(KINDS), seed=st.integers(0, 2**31 - 1),
+    rows=st.integers(1, 40), cols=st.integers(1, 200),
+    scale_kind=st.sampled_from(["scalar", "per_feature", "per_token"]), kind=st.sampled_from(KINDS),
+    seed=st.integers(0, 2**31 - 1),
 )
 def test_quantize_static_hypothesis(device, rows, cols, scale_kind, kind, seed):
     g = torch.Generator().manual_seed(seed)

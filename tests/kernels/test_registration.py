@@ -34,7 +34,7 @@ def sample_calls():
         ("layer_norm_quant", (x, None, torch.ones(16), None, 1e-5, False, True)),
         ("int8_linear", (q8, torch.rand(2, 5, 1), w, torch.rand(12), torch.rand(12), None, torch.rand(12), "gelu",
                          torch.float32)),
-        ("int8_linear", (q8, torch.rand(1), w, torch.rand(12), None, torch.randn(2, 5, 12).half(), None, "none",
+        ("int8_linear", (q8, torch.rand(1) * 0.01, w, torch.rand(12), None, torch.randn(2, 5, 12).half(), None, "none",
                          torch.float16)),
         ("int8_attention", (qa, qa, qa, torch.zeros(2, 1, 1, 5), 0.01, 1 / 127, None, False, torch.float32)),
         ("int8_attention", (qa, qa, qa, None, 0.01, 1 / 127, torch.rand(2, 1, 32), True, torch.float32)),

@@ -31,7 +31,7 @@ def _fmt_metric(entry: dict | None, spec: dict) -> str:
         text += f" ±{entry['stderr'] * scale:.{digits}f}"
     elif entry.get("ci") and all(_num(v) for v in entry["ci"]):
         lo, hi = entry["ci"]
-        text += f" [{lo * scale:.{digits - 1}f}, {hi * scale:.{digits - 1}f}]"
+        text += f" [{lo * scale:.{digits - 2}f}, {hi * scale:.{digits - 2}f}]"
     return text
 
 
@@ -39,11 +39,17 @@ def _fmt_delta(entry: dict | None, spec: dict) -> str:
     if not entry or not _num(entry.get("delta")):
         return "—"
     scale, digits = (100.0, 2) if spec.get("percent") else (1.0, 4)
-    return f"{entry['delta'] * scale:+.{digits}f}"
+    text = f"{entry['delta'] * scale:+.{digits}f}"
+    return text if text.strip("+-0.") else text.replace("-", "+")  # no "-0.0000"
 
 
 def _fmt(x, digits: int, suffix: str = "") -> str:
     return f"{x:.{digits}f}{suffix}" if _num(x) else "—"
+
+
+def _pair(a, b, digits: int, suffix: str) -> str:
+    text = _fmt(a, digits, suffix)
+    return f"{text} ({_fmt(b, digits, suffix)})" if _num(b) else text
 
 
 def columns(report: dict) -> list[str]:
@@ -53,8 +59,8 @@ def columns(report: dict) -> list[str]:
         unit = " (%)" if spec.get("percent") else ""
         cols += [f"{spec['label']}{unit}", f"Δ {spec['label']}"]
     shape = report.get("timing", {}).get("batch_shape")
-    lat = f"latency ms ({shape[0]}x{shape[1]})" if shape else "latency ms"
-    return cols + ["agreement", "cos mean", "cos min", lat, "speed-up", "size MB"]
+    lat = f"latency ms {shape[0]}x{shape[1]} median (min)" if shape else "latency ms median (min)"
+    return cols + ["agreement", "cos mean", "cos min", lat, "speed-up median (min)", "size MB"]
 
 
 def table_rows(report: dict) -> list[list[str]]:
@@ -65,7 +71,8 @@ def table_rows(report: dict) -> list[list[str]]:
             entry = row["metrics"].get(spec["key"])
             cells += [_fmt_metric(entry, spec), _fmt_delta(entry, spec)]
         cells += [_fmt(row.get("agreement"), 4), _fmt(row.get("cos_mean"), 5), _fmt(row.get("cos_min"), 5),
-                  _fmt(row.get("latency_ms"), 1), _fmt(row.get("speedup"), 2, "x"), _fmt(row.get("size_mb"), 1)]
+                  _pair(row.get("latency_ms"), row.get("latency_min_ms"), 1, ""),
+                  _pair(row.get("speedup"), row.get("speedup_min"), 2, "x"), _fmt(row.get("size_mb"), 1)]
         out.append(cells)
     return out
 
@@ -81,8 +88,8 @@ def _notes(report: dict) -> list[str]:
              + (" (Lee: resampling documents)" if report.get("suite") == "default" else "") + ".",
              "Δ: difference to fp32; agreement: predictions equal to fp32's; cos: cosine of the mean-pooled "
              "embedding to fp32's, per text.",
-             "latency: median over timed batches on this machine; speed-up = fp32 latency / latency; size: bytes "
-             "of the tensors the model reads (weights, scales, tables)."]
+             "latency: median (and minimum) over timed batches on this machine, modes interleaved; speed-up = fp32 "
+             "latency / latency; size: bytes of the tensors the model reads (weights, scales, tables)."]
     return notes
 
 
@@ -100,12 +107,19 @@ def render_table(report: dict, file=None) -> str:
         for n in _notes(report):
             print("  " + n, file=file)
         return plain
-    table = Table(title=_title(report), caption="\n".join(_notes(report)), caption_justify="left")
-    for i, c in enumerate(cols):
-        table.add_column(c, justify="left" if i == 0 else "right", no_wrap=i == 0)
+    import textwrap
+
+    from rich.markup import escape
+
+    table = Table(title=escape(_title(report)), caption=escape("\n".join(_notes(report))), caption_justify="left")
+    cells = [max((len(r[i]) for r in rows), default=0) for i in range(len(cols))]
+    heads = [textwrap.fill(c, width=max(cells[i], 8), break_long_words=False) for i, c in enumerate(cols)]
+    for i, h in enumerate(heads):
+        table.add_column(escape(h), justify="left" if i == 0 else "right", no_wrap=True)
     for r in rows:
-        table.add_row(*r)
-    Console(file=file, width=max(120, min(220, sum(len(c) for c in cols) + 3 * len(cols)))).print(table)
+        table.add_row(*(escape(v) for v in r))
+    widths = [max(cells[i], *(len(line) for line in h.splitlines())) for i, h in enumerate(heads)]
+    Console(file=file, width=max(100, sum(widths) + 3 * len(cols) + 1), highlight=False).print(table)
     return plain
 
 
@@ -185,7 +199,7 @@ def write_plot(report: dict, path: Path) -> Path:
                 entry = row["metrics"].get(spec["key"], {})
                 y = entry.get("value")
                 if _num(entry.get("stderr")):
-                    err = entry["stderr"] * scale
+                    err = 1.959964 * entry["stderr"] * scale  # 95%, like the bootstrap intervals
                 elif entry.get("ci") and all(_num(v) for v in entry["ci"]):
                     err = np.array([[y - entry["ci"][0]], [entry["ci"][1] - y]]) * scale
                 else:
@@ -202,7 +216,8 @@ def write_plot(report: dict, path: Path) -> Path:
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8, loc="best")
     m = report.get("machine", {})
-    fig.suptitle(f"{report['model']} — {m.get('device')} ({m.get('gpu') or m.get('cpu')})", fontsize=9)
+    fig.suptitle(f"{report['model']} — {m.get('device')} ({m.get('gpu') or m.get('cpu')}); error bars: 95% "
+                 "intervals", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

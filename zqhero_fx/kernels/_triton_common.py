@@ -14,8 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-# Globals a @triton.jit function reads must be tl.constexpr instances. QMAX_F / MIN_SCALE_F mirror quantize.QMAX / MIN_SCALE
-# (a test pins them together; importing quantize here would be circular).
+# Globals a @triton.jit function reads must be tl.constexpr instances. QMAX_F / MIN_SCALE_F mirror quantize.QMAX
+# and quantize.MIN_SCALE (a test pins them together; importing quantize here would be circular).
 QMAX_F = tl.constexpr(127.0)
 MIN_SCALE_F = tl.constexpr(1e-8)
 SQRT1_2 = tl.constexpr(0.7071067811865476)  # 1/sqrt(2), as torch's erf GeLU uses it

@@ -37,7 +37,8 @@ def _check_inputs(indices, tables, scales):
         )
     dims = {t.shape[-1] for t in tables}
     if len(dims) != 1 or any(t.dim() != 2 for t in tables):
-        raise ValueError(f"embedding_layer_norm_quant: tables must be [V, D] with one D; got {[tuple(t.shape) for t in tables]}")
+        shapes = [tuple(t.shape) for t in tables]
+        raise ValueError(f"embedding_layer_norm_quant: tables must be [V, D] with one D; got {shapes}")
     for table, scale in zip(tables, scales):
         if table.dtype == torch.int8:
             if scale.numel() not in (1, table.shape[0]):
@@ -129,7 +130,9 @@ def _embedding_layer_norm_quant_kernel(
 def embedding_layer_norm_quant_triton(indices, tables, scales, weight, bias, eps, emit_normed):
     shape, dim = _check_inputs(indices, tables, scales)
     if len(tables) > MAX_TABLES:
-        raise ValueError(f"embedding_layer_norm_quant: the fused kernel takes up to {MAX_TABLES} tables, got {len(tables)}")
+        raise ValueError(
+            f"embedding_layer_norm_quant: the fused kernel takes up to {MAX_TABLES} tables, got {len(tables)}"
+        )
     device = tables[0].device
     q = torch.empty((*shape, dim), dtype=torch.int8, device=device)
     q_scale = torch.empty((*shape, 1), dtype=torch.float32, device=device)

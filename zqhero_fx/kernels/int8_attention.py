@@ -1,4 +1,4 @@
-"""INT8 attention core, flash-attention style: INT8 Q.K^T, online softmax, INT8 probabilities, INT8 P.V.
+"""INT8 attention core, flash-attention style: INT8 Q.K^T, softmax with INT8 probabilities, INT8 P.V.
 
 q [B, H, Sq, D], k and v [B, H, Sk, D] are int8 (any strides). Logits are acc * qk_scale, where qk_scale already holds
 s_q * s_k * softmax_scale. The mask is additive (float) or boolean (True = attend); `is_causal` adds the causal mask.
@@ -6,6 +6,11 @@ Probabilities are quantized *before* normalisation: p_q = round(exp(s - rowmax) 
 scale; 1/127 covers (0, 1] exactly), so a long, diffuse row keeps its resolution. Then out = (p_q . v) * p_scale / rowsum,
 in units of v's int8 values. With `out_scale` (broadcasting against [B, H, Sq, D], e.g. [H, 1, D] per feature) the
 output is requantized to INT8 as round(out / out_scale); otherwise cast to `out_dtype`. Rows with every key masked give 0.
+
+The Triton kernel tiles like flash attention (nothing of size Sq x Sk is ever stored) but sweeps the keys twice: once
+for the exact row max, once for exp, the row sum and INT8 P.V against that max. Quantizing p against a running max
+instead would change which INT8 step each probability lands on; with the final max it lands where the reference puts it,
+and P.V stays one exact INT32 sum over all key blocks.
 """
 
 from __future__ import annotations
@@ -126,7 +131,8 @@ def _int8_attention_kernel(
 
     # The Q tile stays in registers for both passes.
     q = tl.load(
-        q_ptr + b * stride_qb + h * stride_qh + offs_m[:, None].to(tl.int64) * stride_qm + offs_dqk[None, :] * stride_qd,
+        q_ptr + b * stride_qb + h * stride_qh
+        + offs_m[:, None].to(tl.int64) * stride_qm + offs_dqk[None, :] * stride_qd,
         mask=row_valid[:, None] & (offs_dqk < head_dim_qk)[None, :],
         other=0,
     )
@@ -227,7 +233,9 @@ def int8_attention_triton(q, k, v, attn_mask, qk_scale, p_scale, out_scale, is_c
     batch, heads, seqlen_q, head_dim_qk = q.shape
     seqlen_k, head_dim_v = k.shape[-2], v.shape[-1]
     if max(head_dim_qk, head_dim_v) > MAX_HEAD_DIM:
-        raise ValueError(f"int8_attention: head dims up to {MAX_HEAD_DIM} are supported; got {head_dim_qk}/{head_dim_v}")
+        raise ValueError(
+            f"int8_attention: head dims up to {MAX_HEAD_DIM} are supported; got {head_dim_qk}/{head_dim_v}"
+        )
     out_shape = (batch, heads, seqlen_q, head_dim_v)
     out = torch.empty(out_shape, dtype=torch.int8 if out_scale is not None else out_dtype, device=q.device)
     if out.numel() == 0:

@@ -31,7 +31,15 @@ ACTIVATIONS = ("none", "gelu", "gelu_tanh")
 
 # ---------------------------------------------------------------- reference (the spec)
 def int8_matmul_ref(a: torch.Tensor, b_nk: torch.Tensor) -> torch.Tensor:
-    """Exact int32 a[M, K] @ b[N, K]^T. torch._int_mm runs oneDNN's INT8 GEMM on CPU."""
+    """Exact int32 a[M, K] @ b[N, K]^T. torch._int_mm runs oneDNN's INT8 GEMM on CPU.
+
+    torch._int_mm returns wrong values on CPU when K == 1 (torch 2.13: e.g. [[-4891, 7102]] comes back as [[0, 0]]),
+    and K == 0 is not a GEMM it takes; both are outer products (or zeros), computed exactly in int32 instead.
+    """
+    if a.shape[1] == 0:
+        return a.new_zeros((a.shape[0], b_nk.shape[0]), dtype=torch.int32)
+    if a.shape[1] == 1:
+        return a.to(torch.int32) * b_nk.to(torch.int32).t()
     return torch._int_mm(a.contiguous(), b_nk.t())
 
 

@@ -47,7 +47,8 @@ def _quantized_embedding_kernel(
     rows = tl.load(table_ptr + idx[:, None] * stride_tv + cols[None, :] * stride_td, mask=mask, other=0)
     scale = tl.load(scale_ptr + idx * stride_sv, mask=tok_valid, other=0.0).to(tl.float32)
     out = rows.to(tl.float32) * scale[:, None]
-    tl.store(out_ptr + toks[:, None].to(tl.int64) * dim + cols[None, :], cast_rne(out, out_ptr.dtype.element_ty), mask=store_mask)
+    out_ptrs = out_ptr + toks[:, None].to(tl.int64) * dim + cols[None, :]
+    tl.store(out_ptrs, cast_rne(out, out_ptr.dtype.element_ty), mask=store_mask)
 
 
 # ---------------------------------------------------------------- launcher
