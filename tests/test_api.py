@@ -71,8 +71,9 @@ def test_graph_really_computes_in_int8(bert_traced, bert_calibration):
     layers = 2
     assert hist["zqhero.int8_linear.default"] == 6 * layers  # q, k, v, attention out, FC1, FC2
     assert hist["zqhero.int8_attention.default"] == layers
-    assert hist["zqhero.layer_norm_quant.default"] == 2 * layers  # embedding LN + attention LN (the last LN is float)
-    assert hist["zqhero.quantized_embedding.default"] == 3
+    # LN^quant: after attention in each layer, after FC2 except in the last layer (its output is the model's output)
+    assert hist["zqhero.layer_norm_quant.default"] == 2 * layers - 1
+    assert hist["zqhero.embedding_layer_norm_quant.default"] == 1  # word + type + position gathers, add, LN, TWQ
     assert "aten.scaled_dot_product_attention.default" not in hist
     for node in q.graph.nodes:
         if node.target is zq.int8_linear.default:

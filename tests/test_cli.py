@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import random
-from pathlib import Path
 
 import pytest
 
@@ -152,6 +151,7 @@ def test_eval_glue_tiny_two_modes(tiny, tmp_path, capsys):
     report = json.loads((out_dir / "results.json").read_text())
     assert [r["mode"] for r in report["rows"]] == ["fp32", "M1", "M3"]
     assert report["calibration"]["split"] == "train"
+    assert report["command"].startswith("zqhero eval --model ") and "--modes M1,M3" in report["command"]
     for row in report["rows"]:
         assert 0.0 <= row["metrics"]["accuracy"]["value"] <= 1.0
         assert row["metrics"]["accuracy"]["stderr"] > 0

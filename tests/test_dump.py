@@ -21,7 +21,8 @@ def test_dump_writes_code_svg_facts_and_sqnr_report(bert_traced, bert_calibratio
     assert gemms and all(f["precision"] == "int8" and f["bound"] and f["flops"] > 0 for f in gemms)
     rows = json.loads((tmp_path / "sqnr_report.json").read_text())
     ops = {r["op"] for r in rows}
-    assert {"zq.int8_linear", "zq.int8_attention", "zq.layer_norm_quant", "zq.quantized_embedding", "output"} <= ops
+    assert {"zq.int8_linear", "zq.int8_attention", "zq.layer_norm_quant", "zq.embedding_layer_norm_quant",
+            "output"} <= ops
     assert all(r["sqnr_db"] > 15 for r in rows)
     assert "| node | op |" in (tmp_path / "sqnr_report.md").read_text()
 

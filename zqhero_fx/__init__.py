@@ -22,8 +22,9 @@ from zqhero_fx.kernels import use_kernels
 from zqhero_fx.modes import MODES, QuantConfig
 from zqhero_fx.serialize import load, save
 from zqhero_fx.inductor import compile
+from zqhero_fx.backend import ZqheroBackend, backend
 
 __all__ = [
-    "trace", "convert", "compile", "save", "load", "ops_histogram", "use_kernels", "MODES", "QuantConfig",
+    "trace", "convert", "compile", "save", "load", "backend", "ZqheroBackend", "ops_histogram", "use_kernels", "MODES", "QuantConfig",
     "ZqheroError", "CaptureError", "ConfigError", "CalibrationError", "FoldError", "PassError", "SerializationError",
 ]

@@ -417,10 +417,13 @@ class ZqheroBackend:
     def _compile(self, quantized: fx.GraphModule) -> Callable:
         if not self.inductor:
             return quantized.forward
-        from torch._inductor.compile_fx import compile_fx
+        from zqhero_fx.inductor import inductor_backend
 
+        # Dynamo's symbolic fake inputs keep the compiled code shape-generic. On CPU the zqhero ops are decomposed into
+        # their references so Inductor fuses their epilogues; on CUDA they stay extern calls to the Triton kernels.
+        # The result is aot_module_simplified's forward, called unboxed: f(*args).
         fakes = [n.meta["val"] for n in quantized.graph.nodes if n.op == "placeholder"]
-        return compile_fx(quantized, fakes)  # aot_module_simplified's forward: called unboxed, f(*args)
+        return inductor_backend(quantized, fakes)
 
     def _run_unconverted(self, graph: CapturedGraph, inputs: list):
         if self._state == "pending":

@@ -232,9 +232,13 @@ def _check_model_args(parser: argparse.ArgumentParser, args) -> None:
             parser.error(f"--model {args.model}: not a model directory (save one with save_pretrained)")
 
 
-def _offline_env(model: str | None) -> None:
-    """HF_HUB_OFFLINE=1 before transformers is imported, for the default model and local directories."""
-    if model is None or Path(model).expanduser().is_dir():
+def _offline_env(args) -> None:
+    """HF_HUB_OFFLINE=1 before transformers is imported when nothing needs the Hub: the model is the embedded default
+    or a local directory, and the data is the embedded default or --data-dir (a GLUE task without --data-dir comes
+    from the Hub)."""
+    from zqhero_fx.eval.run import hub_not_needed
+
+    if hub_not_needed(args.model, args.task, args.data_dir):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -250,7 +254,7 @@ def cmd_eval(args, parser) -> int:
                      "runs without one)")
     if args.no_progress and args.progress:
         parser.error("--progress and --no-progress exclude each other")
-    _offline_env(args.model)
+    _offline_env(args)
     from zqhero_fx.eval.report import render_table, write_all
     from zqhero_fx.eval.run import EvalSettings, evaluate
 
@@ -261,7 +265,7 @@ def cmd_eval(args, parser) -> int:
         calib_batch_size=args.calib_batch_size, timed_batches=args.timed_batches, warmup=args.warmup,
         device=args.device, seed=args.seed, progress=False if args.no_progress else (True if args.progress else None),
     )
-    report = evaluate(settings, command=_command_line())
+    report = evaluate(settings, command=_command_line(getattr(args, "argv", None)))
     print()
     render_table(report)
     paths = write_all(report, args.out)
@@ -269,8 +273,8 @@ def cmd_eval(args, parser) -> int:
     return 0
 
 
-def _command_line() -> str:
-    return " ".join([PROG] + [shlex.quote(a) for a in sys.argv[1:]]) if sys.argv and sys.argv[0] else PROG
+def _command_line(argv: list[str] | None) -> str:
+    return " ".join([PROG] + [shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)])
 
 
 _FALLBACK_SENTENCES = [
@@ -306,7 +310,7 @@ def _unpadded_batch(tokenizer, columns, max_len: int, device, rows: int = 16):
 
 def cmd_dump(args, parser) -> int:
     _check_model_args(parser, args)
-    _offline_env(args.model)
+    _offline_env(args)
     import torch
 
     import zqhero_fx
@@ -430,6 +434,7 @@ def main(argv: list[str] | None = None) -> int:
         return _bench(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = argv
     if args.version:
         try:
             from importlib.metadata import version

@@ -192,3 +192,10 @@ def test_write_all(tmp_path):
     md = paths["markdown"].read_text()
     assert "| M3 | 76.80 ±1.34 | -0.30 |" in md and "command: `zqhero eval`" in md
     assert paths["plot"].read_bytes()[:4] == b"\x89PNG"
+
+
+def test_hub_needed_only_for_hub_models_or_hub_data(tmp_path):
+    assert E.hub_not_needed(None, None, None)  # the embedded default
+    assert E.hub_not_needed(str(tmp_path), "sst2", tmp_path)  # local model, local GLUE files
+    assert not E.hub_not_needed(str(tmp_path), "sst2", None)  # GLUE from the Hub
+    assert not E.hub_not_needed("bert-base-uncased", "sst2", tmp_path)  # model from the Hub

@@ -417,8 +417,16 @@ def _boot_entry(metric: Callable, preds, labels, base_preds) -> dict:
 # --------------------------------------------------------------------------- the two evaluations
 
 
-def _hf_offline_for(model: str | None) -> None:
-    if model is None or os.path.isdir(os.path.expanduser(model)):
+def hub_not_needed(model: str | None, task: str | None, data_dir) -> bool:
+    """True when neither the model (embedded default or a local directory) nor the data (embedded default or a local
+    GLUE directory) comes from the Hugging Face Hub."""
+    local_model = model is None or os.path.isdir(os.path.expanduser(str(model)))
+    local_data = task is None or data_dir is not None
+    return local_model and local_data
+
+
+def _hf_offline_for(settings: "EvalSettings") -> None:
+    if hub_not_needed(settings.model, settings.task, settings.data_dir):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
@@ -587,7 +595,7 @@ class _GlueSuite(_Suite):
 
 
 def _load(settings: EvalSettings, device: torch.device):
-    _hf_offline_for(settings.model)
+    _hf_offline_for(settings)
     from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
     if settings.model is None:

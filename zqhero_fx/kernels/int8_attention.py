@@ -38,19 +38,29 @@ def attention_logits_mask(attn_mask, is_causal, sq, sk, device):
     """The additive float mask the reference applies (None when nothing is masked)."""
     mask = None
     if attn_mask is not None:
-        mask = attn_mask.float() if attn_mask.dtype != torch.bool else torch.zeros(
-            attn_mask.shape, device=device
-        ).masked_fill_(~attn_mask, float("-inf"))
+        mask = attn_mask.float() if attn_mask.dtype != torch.bool else torch.where(
+            attn_mask, torch.zeros((), device=device), torch.full((), float("-inf"), device=device))
     if is_causal:
-        causal = torch.ones(sq, sk, dtype=torch.bool, device=device).tril_(sk - sq)
-        causal = torch.zeros(sq, sk, device=device).masked_fill_(~causal, float("-inf"))
+        keep = torch.tril(torch.ones(sq, sk, dtype=torch.bool, device=device), diagonal=sk - sq)
+        causal = torch.where(keep, torch.zeros((), device=device), torch.full((), float("-inf"), device=device))
         mask = causal if mask is None else mask + causal
     return mask
 
 
+# float32 adds integers exactly below 2**24: a sum of `n` products of two int8 values in [-127, 127] stays exact
+# while n * 127 * 127 < 2**24, i.e. n <= 1040 (any head size, sequences up to 1040). Past that, float64.
+EXACT_FP32_TERMS = (1 << 24) // (127 * 127)
+
+
+def exact_int_matmul(a: torch.Tensor, b: torch.Tensor, terms) -> torch.Tensor:
+    """a @ b for integer-valued a, b (|values| <= 127) summing `terms` products, exactly; float32 result."""
+    if terms <= EXACT_FP32_TERMS:
+        return torch.matmul(a.float(), b.float())
+    return torch.matmul(a.double(), b.double()).float()
+
+
 def int8_attention_ref(q, k, v, attn_mask, qk_scale, p_scale, out_scale, is_causal, out_dtype):
-    # float64 keeps the integer dot products exact for any head size and sequence length.
-    logits = torch.matmul(q.double(), k.double().transpose(-1, -2)).float() * qk_scale
+    logits = exact_int_matmul(q, k.transpose(-1, -2), q.shape[-1]) * qk_scale
     mask = attention_logits_mask(attn_mask, is_causal, q.shape[-2], k.shape[-2], q.device)
     if mask is not None:
         logits = logits + mask
@@ -58,11 +68,11 @@ def int8_attention_ref(q, k, v, attn_mask, qk_scale, p_scale, out_scale, is_caus
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
     unnormalised = torch.exp(logits - row_max)
     row_sum = unnormalised.sum(dim=-1, keepdim=True)
-    p_q = torch.round(unnormalised / p_scale).clamp_(0, QMAX)
-    acc = torch.matmul(p_q.double(), v.double()).float()
+    p_q = torch.round(unnormalised / p_scale).clamp(0, QMAX)
+    acc = exact_int_matmul(p_q, v, k.shape[-2])
     out = acc * p_scale / torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum))
     if out_scale is not None:
-        return torch.round(out / out_scale.float()).clamp_(-QMAX, QMAX).to(torch.int8)
+        return torch.round(out / out_scale.float()).clamp(-QMAX, QMAX).to(torch.int8)
     return out.to(out_dtype)
 
 

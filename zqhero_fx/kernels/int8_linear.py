@@ -64,7 +64,7 @@ def int8_linear_ref(xq, x_scale, wq, w_scale, bias, residual, out_scale, activat
     if residual is not None:
         y = y + residual.float()
     if out_scale is not None:
-        return torch.round(y / out_scale.float()).clamp_(-QMAX, QMAX).to(torch.int8)
+        return torch.round(y / out_scale.float()).clamp(-QMAX, QMAX).to(torch.int8)
     return y.to(out_dtype)
 
 

@@ -29,13 +29,13 @@ MIN_SCALE = 1e-8
 def quantize_per_token_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     x32 = x.float()
     scale = (x32.abs().amax(dim=-1, keepdim=True) / QMAX).clamp_min(MIN_SCALE)
-    q = torch.round(x32 / scale).clamp_(-QMAX, QMAX).to(torch.int8)
+    q = torch.round(x32 / scale).clamp(-QMAX, QMAX).to(torch.int8)
     return q, scale
 
 
 def quantize_ref(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     q = torch.round(x.float() / scale.float().clamp_min(MIN_SCALE))
-    return q.clamp_(-QMAX, QMAX).to(torch.int8)
+    return q.clamp(-QMAX, QMAX).to(torch.int8)
 
 
 def dequantize_ref(q: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -120,7 +120,7 @@ def module_path(node: fx.Node) -> str:
 
 def normalise_module_path(fqn: str) -> str:
     """Turn Dynamo's `L['self'].encoder.layer[0]` / `L__self___encoder_layer_0` spellings into `encoder.layer.0`."""
-    fqn = re.sub(r"^L\['self'\]\.?", "", fqn)
+    fqn = re.sub(r"^L\['self'\]", "", fqn)
     fqn = re.sub(r"\[(\d+)\]", r".\1", fqn)
     fqn = re.sub(r"\['([^']+)'\]", r".\1", fqn)
     fqn = re.sub(r"\._modules\.|\._parameters\.|\._buffers\.", ".", fqn)

@@ -53,14 +53,15 @@ class _Observer(fx.Interpreter):
     def run_node(self, n):
         out = super().run_node(n)
         if n.name in self.watch and isinstance(out, torch.Tensor):
-            if not torch.isfinite(out).all():
+            r = _feature_range(out, self.method, self.percentile)
+            # A max over |x| propagates NaN and Inf, so checking the small per-feature vector checks the tensor.
+            if not torch.isfinite(r).all():
                 bad = "NaN" if torch.isnan(out).any() else "Inf"
                 where = f" (module {module_path(n)})" if module_path(n) else ""
                 raise CalibrationError(
                     f"calibration batch {self.batch_index}: node {n.name}{where} produced {bad} activations; "
                     "check the calibration inputs (and the model in floating point) before quantizing"
                 )
-            r = _feature_range(out, self.method, self.percentile)
             if self.method == "absmax":
                 self.ranges[n.name] = torch.maximum(self.ranges[n.name], r) if n.name in self.ranges else r
             else:  # running mean of per-batch percentiles

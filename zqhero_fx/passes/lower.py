@@ -41,6 +41,12 @@ def _pattern_quantized_embedding(table_q, scale, indices):
     return aten.embedding.default(zq.dequantize.default(table_q, scale), indices)
 
 
+def _pattern_embedding_layer_norm_quant(ids_a, ids_b, table_a, table_b, scale_a, scale_b, weight, bias):
+    summed = zq.quantized_embedding.default(ids_a, table_a, scale_a, torch.float32)
+    residual = zq.quantized_embedding.default(ids_b, table_b, scale_b, torch.float32)
+    return zq.layer_norm_quant.default(summed, residual, weight, bias, 1e-12, True, False)
+
+
 # ---------------------------------------------------------------- matchers and replacements
 def _single_user(node: fx.Node):
     return next(iter(node.users)) if len(node.users) == 1 else None
@@ -164,6 +170,38 @@ def lower_quantized_embedding(gm: fx.GraphModule, emb: fx.Node) -> bool:
     return True
 
 
+def _embedding_leaves(node, leaves: list) -> bool:
+    """Flatten a single-use sum of quantized_embedding nodes into `leaves`, in addition order."""
+    if is_op(node, zq.quantized_embedding.default) and len(node.users) == 1:
+        leaves.append(node)
+        return True
+    if is_op(node, ADD) and len(node.users) == 1 and all(isinstance(a, fx.Node) for a in node.args):
+        return _embedding_leaves(node.args[0], leaves) and _embedding_leaves(node.args[1], leaves)
+    return False
+
+
+def lower_embedding_layer_norm_quant(gm: fx.GraphModule, lnq: fx.Node) -> bool:
+    """layer_norm_quant(Σ quantized_embedding(ids_i, T_i)) => zqhero.embedding_layer_norm_quant(ids, T): one pass."""
+    from zqhero_fx.kernels.embedding_layer_norm_quant import MAX_TABLES
+
+    if not is_op(lnq, zq.layer_norm_quant.default) or lnq.args[6]:  # the sum itself is needed elsewhere
+        return False
+    leaves: list[fx.Node] = []
+    parts = [lnq.args[0]] + ([lnq.args[1]] if lnq.args[1] is not None else [])
+    if not all(_embedding_leaves(part, leaves) for part in parts) or not 1 < len(leaves) <= MAX_TABLES:
+        return False
+    weight, bias, eps, emit_normed = lnq.args[2], lnq.args[3], lnq.args[4], lnq.args[5]
+    with gm.graph.inserting_before(lnq):
+        fused = gm.graph.call_function(zq.embedding_layer_norm_quant.default, (
+            [leaf.args[0] for leaf in leaves], [leaf.args[1] for leaf in leaves], [leaf.args[2] for leaf in leaves],
+            weight, bias, eps, emit_normed))
+    fused.meta.update({k: lnq.meta[k] for k in ("zq_precision", "zq_scheme", "zq_module_path", "nn_module_stack")
+                       if k in lnq.meta})
+    fused.meta["zq_origin"] = lnq.meta.get("zq_origin")
+    lnq.replace_all_uses_with(fused)  # outputs 0, 1, 2 (q, scale, normed) line up; output 3 was not emitted
+    return True
+
+
 @dataclass(frozen=True)
 class Rule:
     name: str  # the rewrite, readable
@@ -180,6 +218,8 @@ RULES = (
          _pattern_int8_attention, None),
     Rule("embedding(dequant(table_q, s), ids) => zqhero.quantized_embedding(ids, table_q, s)",
          _pattern_quantized_embedding, lower_quantized_embedding),
+    Rule("layer_norm_quant(Σ quantized_embedding(ids_i, T_i)) => zqhero.embedding_layer_norm_quant(ids, T)",
+         _pattern_embedding_layer_norm_quant, lower_embedding_layer_norm_quant),
 )
 
 
