@@ -9,6 +9,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("SETUPTOOLS_USE_DISTUTILS", "stdlib")  # see zqhero_fx/inductor.py
 
 import pytest  # noqa: E402
 

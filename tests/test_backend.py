@@ -21,7 +21,7 @@ from zqhero_fx.backend import ZqheroBackend, backend, zqhero_backend
 zq = torch.ops.zqhero
 REPO = Path(__file__).resolve().parents[1]
 M3_OPS = [zq.int8_linear.default, zq.layer_norm_quant.default, zq.int8_attention.default,
-          zq.quantized_embedding.default]
+          zq.embedding_layer_norm_quant.default]
 
 
 @pytest.fixture(autouse=True)

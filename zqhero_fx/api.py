@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import warnings
 
 import torch
 import torch.fx as fx
@@ -60,7 +61,9 @@ def convert(traced_module: fx.GraphModule, mode, *, calibration=None, overrides=
     if not isinstance(traced_module, fx.GraphModule):
         raise CaptureError(f"convert takes a GraphModule, got {type(traced_module).__name__}: capture the model first "
                            "with zqhero_fx.trace(model, example_inputs)")
-    gm = copy.deepcopy(traced_module)
+    with warnings.catch_warnings():  # torch's own pytree spec copy warns about a deprecated isinstance check
+        warnings.simplefilter("ignore", FutureWarning)
+        gm = copy.deepcopy(traced_module)
     gm.meta = {k: v for k, v in traced_module.meta.items() if k != "zqhero"}
     batches = _calibration_batches(gm, calibration, config)
     example = example_inputs if example_inputs is not None else gm.meta.get("zqhero_example_inputs")

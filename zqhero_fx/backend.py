@@ -38,6 +38,7 @@ import torch.fx.experimental._config
 import torch.utils._pytree as pytree
 
 from zqhero_fx import api
+from zqhero_fx.capture import split_inputs
 from zqhero_fx.errors import CalibrationError, CaptureError, ConfigError
 from zqhero_fx.modes import QuantConfig, resolve_mode, resolve_overrides
 from zqhero_fx.passes._graph import module_path, weight_module_path
@@ -541,14 +542,7 @@ class ZqheroBackend:
 
 
 def _split_batch(batch, index: int) -> tuple[tuple, dict]:
-    if isinstance(batch, dict):
-        return (), dict(batch)
-    if isinstance(batch, (tuple, list)):
-        return tuple(batch), {}
-    if isinstance(batch, torch.Tensor):
-        return (batch,), {}
-    raise CalibrationError(f"calibration batch {index} must be a tuple of positional args, a dict of keyword args or "
-                           f"a tensor, got {type(batch).__name__}")
+    return split_inputs(batch, f"calibration batch {index}", CalibrationError)
 
 
 # ---------------------------------------------------------------- finding the compiled model from inside a call

@@ -14,15 +14,16 @@ from torch.fx.graph import _PyTreeCodeGen
 from zqhero_fx.errors import CaptureError
 
 
-def _split(inputs) -> tuple[tuple, dict]:
+def split_inputs(inputs, what: str = "example inputs", error=CaptureError) -> tuple[tuple, dict]:
+    """(args, kwargs) of one batch given as a tuple of positional args, a dict of keyword args, or one tensor."""
     if isinstance(inputs, dict):
         return (), dict(inputs)
     if isinstance(inputs, (tuple, list)):
         return tuple(inputs), {}
     if isinstance(inputs, torch.Tensor):
         return (inputs,), {}
-    raise CaptureError(f"example inputs must be a tuple of positional args or a dict of keyword args, "
-                       f"got {type(inputs).__name__}")
+    raise error(f"{what} must be a tuple of positional args, a dict of keyword args or a tensor, "
+                f"got {type(inputs).__name__}")
 
 
 @contextlib.contextmanager
@@ -64,7 +65,7 @@ def trace(model: torch.nn.Module, example_inputs) -> fx.GraphModule:
     """
     if not isinstance(model, torch.nn.Module):
         raise CaptureError(f"trace takes an nn.Module, got {type(model).__name__}")
-    args, kwargs = _split(example_inputs)
+    args, kwargs = split_inputs(example_inputs)
     dynamic = _dynamic_shapes(model, args, kwargs)
     try:
         with _eval_mode(model), torch.no_grad():
@@ -91,7 +92,7 @@ def placeholders(gm: fx.GraphModule) -> list[fx.Node]:
 
 def flatten_inputs(gm: fx.GraphModule, inputs, what: str = "input") -> list:
     """The flat list of placeholder values for one batch given as a tuple, a dict, or a single tensor."""
-    args, kwargs = _split(inputs)
+    args, kwargs = split_inputs(inputs, what)
     codegen = gm.graph._codegen
     if isinstance(codegen, _PyTreeCodeGen) and codegen.pytree_info.in_spec is not None:
         try:

@@ -126,8 +126,11 @@ def write_svg(gm: fx.GraphModule, path: Path) -> None:
         _svg_with_matplotlib(gm, path)
 
 
-def _sqnr(reference: torch.Tensor, estimate: torch.Tensor) -> float:
+def _sqnr(reference: torch.Tensor, estimate: torch.Tensor, keep: torch.Tensor | None = None) -> float:
     reference, estimate = reference.double(), estimate.double()
+    if keep is not None and reference.dim() >= 2 and tuple(reference.shape[:2]) == tuple(keep.shape):
+        # Padded positions carry values no consumer reads: leave them out of the error.
+        reference, estimate = reference[keep], estimate[keep]
     noise = (reference - estimate).pow(2).sum()
     signal = reference.pow(2).sum()
     if noise == 0:
@@ -157,6 +160,15 @@ def float_estimate(node: fx.Node, value):
     return value.float()
 
 
+def _padding_mask(gm: fx.GraphModule, flat_batch) -> torch.Tensor | None:
+    """The [batch, sequence] positions to score: from an input named like '*mask*' holding 0/1 integers, if any."""
+    for node, value in zip([n for n in gm.graph.nodes if n.op == "placeholder"], flat_batch):
+        if "mask" in str(node.target).lower() and isinstance(value, torch.Tensor) and value.dim() == 2 \
+                and not value.dtype.is_floating_point and bool(((value == 0) | (value == 1)).all()):
+            return value.bool()
+    return None
+
+
 class Dumper:
     def __init__(self, directory):
         self.dir = Path(directory)
@@ -184,6 +196,7 @@ class Dumper:
     def write_error_report(self, traced_module: fx.GraphModule, gm: fx.GraphModule, flat_batch) -> list[dict]:
         if self.float_gm is None:
             return []
+        keep = _padding_mask(self.float_gm, flat_batch)
         lowered = {n.name: n for n in gm.graph.nodes if "zq_origin" in n.meta}
         origins = {n.meta["zq_origin"] for n in lowered.values()}
         with torch.no_grad():
@@ -200,13 +213,13 @@ class Dumper:
                 continue
             rows.append({"node": name, "op": _short(node.target), "float_node": node.meta["zq_origin"],
                          "module": module_path(node), "precision": node.meta.get("zq_precision", "int8"),
-                         "scheme": node.meta.get("zq_scheme"), "sqnr_db": round(_sqnr(ref, est), 2)})
+                         "scheme": node.meta.get("zq_scheme"), "sqnr_db": round(_sqnr(ref, est, keep), 2)})
         outs = [t for t in torch.utils._pytree.tree_leaves(final) if isinstance(t, torch.Tensor)]
         refs = [t for t in torch.utils._pytree.tree_leaves(expected) if isinstance(t, torch.Tensor)]
         for i, (o, r) in enumerate(zip(outs, refs)):
             if r.dtype.is_floating_point:
                 rows.append({"node": f"output[{i}]", "op": "output", "float_node": "output", "module": "",
-                             "precision": "", "scheme": "", "sqnr_db": round(_sqnr(r, o), 2)})
+                             "precision": "", "scheme": "", "sqnr_db": round(_sqnr(r, o, keep), 2)})
         (self.dir / "sqnr_report.json").write_text(json.dumps(rows, indent=1))
         lines = ["| node | op | module | precision | scheme | SQNR (dB) |", "|---|---|---|---|---|---|"]
         lines += [f"| {r['node']} | {r['op']} | {html.escape(r['module'])} | {r['precision']} | {r['scheme'] or ''} | "

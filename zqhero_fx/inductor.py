@@ -9,6 +9,8 @@ their Triton kernels; Inductor fuses only the floating-point remainder around th
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.fx as fx
 
@@ -27,6 +29,9 @@ def _on_cpu(example_inputs) -> bool:
 
 def inductor_backend(gm: fx.GraphModule, example_inputs):
     """A torch.compile backend: Inductor, with the zqhero ops decomposed when the graph runs on CPU."""
+    # Inductor's C++ builder imports setuptools lazily; if stdlib distutils was imported first (by another library),
+    # setuptools' distutils shim asserts. Keeping stdlib distutils avoids that whatever the import order.
+    os.environ.setdefault("SETUPTOOLS_USE_DISTUTILS", "stdlib")
     from torch._inductor.compile_fx import compile_fx
     from torch._inductor.decomposition import select_decomp_table
 
