@@ -418,13 +418,14 @@ class ZqheroBackend:
     def _compile(self, quantized: fx.GraphModule) -> Callable:
         if not self.inductor:
             return quantized.forward
-        from zqhero_fx.inductor import inductor_backend
+        from torch._inductor.compile_fx import compile_fx
 
-        # Dynamo's symbolic fake inputs keep the compiled code shape-generic. On CPU the zqhero ops are decomposed into
-        # their references so Inductor fuses their epilogues; on CUDA they stay extern calls to the Triton kernels.
-        # The result is aot_module_simplified's forward, called unboxed: f(*args).
+        # Dynamo's symbolic fake inputs keep the compiled code shape-generic; the zqhero custom ops (fake impls) stay
+        # extern calls. The result is aot_module_simplified's forward, called unboxed: f(*args).
+        # Not zqhero_fx.inductor's CPU decompositions (yet): with the dims this backend marks dynamic, Inductor turned
+        # BERT-base's head count into a symbolic `12 // s52` and crashed (SIGFPE) in the generated code.
         fakes = [n.meta["val"] for n in quantized.graph.nodes if n.op == "placeholder"]
-        return inductor_backend(quantized, fakes)
+        return compile_fx(quantized, fakes)
 
     def _run_unconverted(self, graph: CapturedGraph, inputs: list):
         if self._state == "pending":
