@@ -186,9 +186,17 @@ def embedding_layer_norm_quant(
     return embedding_layer_norm_quant_ref(indices, tables, scales, weight, bias, eps, emit_normed)
 
 
+def _broadcast_shape(shapes) -> list:
+    """Broadcast without comparing sizes: a literal 1 gives way to anything else. Comparing a symbolic batch size
+    with 1 (as torch.broadcast_shapes does) can settle on 1 when the size first seen was 1."""
+    ndim = max(len(s) for s in shapes)
+    padded = [(1,) * (ndim - len(s)) + tuple(s) for s in shapes]
+    return [next((d for d in dims if not (isinstance(d, int) and d == 1)), 1) for dims in zip(*padded)]
+
+
 @embedding_layer_norm_quant.register_fake
 def _(indices, tables, scales, weight, bias, eps, emit_normed):
-    shape = torch.broadcast_shapes(*(i.shape for i in indices))
+    shape = _broadcast_shape([i.shape for i in indices])
     dim = tables[0].shape[-1]
     return (
         weight.new_empty((*shape, dim), dtype=torch.int8),

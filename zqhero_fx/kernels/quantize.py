@@ -30,16 +30,18 @@ def quantize_per_token_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     x32 = x.float()
     scale = (x32.abs().amax(dim=-1, keepdim=True) / QMAX).clamp_min(MIN_SCALE)
     q = torch.round(x32 / scale).clamp(-QMAX, QMAX).to(torch.int8)
-    return q, scale
+    # Contiguous like the fake implementations say: elementwise ops would otherwise keep a permuted input's strides
+    # (CPU SDPA returns a transposed layout), and Inductor checks the strides of extern-call outputs.
+    return q.contiguous(), scale.contiguous()
 
 
 def quantize_ref(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     q = torch.round(x.float() / scale.float().clamp_min(MIN_SCALE))
-    return q.clamp(-QMAX, QMAX).to(torch.int8)
+    return q.clamp(-QMAX, QMAX).to(torch.int8).contiguous()
 
 
 def dequantize_ref(q: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    return (q.float() * scale.float()).to(out_dtype)
+    return (q.float() * scale.float()).to(out_dtype).contiguous()
 
 
 def quantize_weight_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
