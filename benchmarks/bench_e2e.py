@@ -200,6 +200,10 @@ def main(argv=None) -> int:
 
     import zqhero_fx  # noqa: F401
 
+    # Every compiled configuration compiles the same BertModel.forward code object; past Dynamo's default limit of
+    # 8 recompiles the later ones would silently run eagerly and be measured as such.
+    torch._dynamo.config.recompile_limit = 64
+
     torch.manual_seed(0)
     model = BertModel(BertConfig(num_hidden_layers=args.layers)).eval()
     calibration = [_batch(args.calibration_batch_size, SEQ, seed=1000 + i) for i in range(args.calibration_batches)]
