@@ -96,10 +96,10 @@ def add_constant(gm: fx.GraphModule, hint: str, tensor: torch.Tensor, *, before:
     return node
 
 
-def first_user_position(node: fx.Node) -> fx.Node:
-    """The earliest user of a node in graph order (where something consuming it may be inserted before)."""
-    order = {n: i for i, n in enumerate(node.graph.nodes)}
-    return min(node.users, key=order.__getitem__)
+def attention_scale(attn: fx.Node) -> float:
+    """The logit scale of an attention node: its `scale` argument, or SDPA's default 1/sqrt(head_dim)."""
+    scale = attn.kwargs.get("scale")
+    return float(scale) if scale is not None else float(val(attn.args[0]).shape[-1]) ** -0.5
 
 
 def module_path(node: fx.Node) -> str:

@@ -7,7 +7,6 @@ Needs node.meta["val"]; ops it does not know stay as they are (and stay in float
 
 from __future__ import annotations
 
-import math
 import operator
 
 import torch
@@ -223,6 +222,3 @@ def canonicalize(gm: fx.GraphModule) -> fx.GraphModule:
     _fuse_eager_attention(gm)
     return gm
 
-
-def default_attention_scale(q_val: torch.Tensor) -> float:
-    return 1.0 / math.sqrt(q_val.shape[-1])

@@ -13,16 +13,16 @@ original to 1e-5 relative, or FoldError is raised.
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
 from zqhero_fx.errors import FoldError
-from zqhero_fx.passes._graph import ATTENTION, LINEAR, add_constant, aten, is_op, param_of, val, zq
+from zqhero_fx.passes._graph import ATTENTION, LINEAR, add_constant, attention_scale, aten, is_op, param_of, zq
 
 FOLD_TOLERANCE = 1e-5
+UNIT_SCALE = "_zq_unit_scale"
 
 
 def _relative_error(reference: torch.Tensor, candidate: torch.Tensor) -> float:
@@ -43,7 +43,13 @@ def _static_scale(gm, node) -> torch.Tensor | None:
 
 
 def _unit(gm: fx.GraphModule, before: fx.Node) -> fx.Node:
-    return add_constant(gm, "unit_scale", torch.ones(1), before=before)
+    """A get_attr of the graph's one shared unit scale (registered on first use)."""
+    if not hasattr(gm, UNIT_SCALE):
+        gm.register_buffer(UNIT_SCALE, torch.ones(1))
+    with gm.graph.inserting_before(before):
+        node = gm.graph.get_attr(UNIT_SCALE)
+    node.meta["val"] = getattr(gm, UNIT_SCALE)
+    return node
 
 
 def _set_weight(gm, linear: fx.Node, index: int, tensor: torch.Tensor, hint: str) -> None:
@@ -113,9 +119,7 @@ def fold_attention_scales(gm: fx.GraphModule, attn: fx.Node) -> bool:
     s_q, s_k, s_v = scales
     if float(s_q) == 1.0 and float(s_k) == 1.0 and s_v.numel() == 1 and float(s_v) == 1.0:
         return False
-    head_dim = val(attn.args[0]).shape[-1]
-    softmax_scale = attn.kwargs.get("scale")
-    softmax_scale = 1.0 / math.sqrt(int(head_dim)) if softmax_scale is None else float(softmax_scale)
+    softmax_scale = attention_scale(attn)
     new_scale = softmax_scale * float(s_q) * float(s_k)
     samples = [_sample(gm, n) for n in attn.meta.get("zq_operand_samples", [])]
     if len(samples) == 3 and all(s is not None for s in samples):

@@ -15,7 +15,7 @@ import torch
 import torch.fx as fx
 
 from zqhero_fx.kernels.quantize import quantize_weight_per_channel
-from zqhero_fx.passes._graph import ADD, ATTENTION, EMBEDDING, GELU, LAYER_NORM, LINEAR, add_constant, aten, eliminate_dead_code, is_op, param_of, val, zq
+from zqhero_fx.passes._graph import ADD, ATTENTION, EMBEDDING, GELU, LAYER_NORM, LINEAR, add_constant, attention_scale, aten, eliminate_dead_code, is_op, param_of, val, zq
 
 
 # ---------------------------------------------------------------- patterns (what each rule looks for)
@@ -131,11 +131,6 @@ def lower_int8_linear(gm: fx.GraphModule, linear: fx.Node) -> bool:
     return True
 
 
-def _attention_scale(attn: fx.Node) -> float:
-    scale = attn.kwargs.get("scale")
-    return float(scale) if scale is not None else float(val(attn.args[0]).shape[-1]) ** -0.5
-
-
 def lower_int8_attention(gm: fx.GraphModule, attn: fx.Node, softmax_scale: float) -> bool:
     """quant(attn(dequant(q, 1), dequant(k, 1), dequant(v, 1)), r) => zqhero.int8_attention(q, k, v, …, r)."""
     if not is_op(attn, ATTENTION):
@@ -151,7 +146,7 @@ def lower_int8_attention(gm: fx.GraphModule, attn: fx.Node, softmax_scale: float
         last, out_scale = user, user.args[1]
     with gm.graph.inserting_before(last):
         fused = gm.graph.call_function(zq.int8_attention.default, (
-            q, k, v, attn.kwargs.get("attn_mask"), float(_attention_scale(attn)), float(softmax_scale), out_scale,
+            q, k, v, attn.kwargs.get("attn_mask"), attention_scale(attn), float(softmax_scale), out_scale,
             bool(attn.kwargs.get("is_causal", False)), val(attn).dtype))
     _replace(gm, last, fused, attn, scale=last.meta.get("zq_prefold_scale") if out_scale is not None else None)
     return True
