@@ -1,0 +1,136 @@
+"""int8_bmm: the AVX-512 VNNI batched INT8 matmul must equal the exact reference bit for bit, on every shape and
+layout the attention core hands it, and fall back to the reference wherever it does not apply."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from zqhero_fx.kernels import int8_bmm_cpu as B
+
+needs_kernel = pytest.mark.skipif(B.extension() is None, reason="no AVX-512 VNNI on this CPU, or the build failed")
+
+
+def int8(shape, g, low=-128, high=128):
+    return torch.randint(low, high, shape, dtype=torch.int8, generator=g)
+
+
+def exact(a, b):  # independent of the module's reference: int64 on the CPU
+    return torch.matmul(a.to(torch.int64), b.to(torch.int64)).to(torch.int32)
+
+
+def test_reference_is_exact_at_the_extremes():
+    a = torch.full((2, 3, 1000), -128, dtype=torch.int8)
+    b = torch.full((2, 1000, 5), -128, dtype=torch.int8)
+    assert torch.equal(B.int8_bmm_ref(a, b), torch.full((2, 3, 5), 128 * 128 * 1000, dtype=torch.int32))
+    assert torch.equal(B.int8_bmm_ref(a, -(b + 1)), exact(a, -(b + 1)))
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", [
+    (1, 1, 1, 1, 1), (2, 3, 5, 7, 9), (1, 2, 4, 64, 128), (2, 12, 128, 64, 128), (1, 1, 17, 130, 33),
+    (3, 1, 9, 4, 16), (1, 1, 3, 3, 80), (1, 1, 6, 5, 65), (2, 2, 129, 128, 64),
+])
+def test_kernel_matches_exactly(shape):
+    b1, b2, m, k, n = shape
+    g = torch.Generator().manual_seed(sum(shape))
+    a, b = int8((b1, b2, m, k), g), int8((b1, b2, k, n), g)
+    assert torch.equal(torch.ops.zqhero.int8_bmm(a, b), exact(a, b))
+
+
+@needs_kernel
+def test_saturated_operands_do_not_overflow():
+    for value_a, value_b in [(-128, -128), (127, -128), (-128, 127), (127, 127)]:
+        a = torch.full((1, 2, 5, 4096), value_a, dtype=torch.int8)
+        b = torch.full((1, 2, 4096, 19), value_b, dtype=torch.int8)
+        assert torch.equal(torch.ops.zqhero.int8_bmm(a, b), exact(a, b))
+
+
+@needs_kernel
+def test_attention_layouts():
+    """Q.K^T with Q, K heads-permuted views of [B, S, H, D] (K^T: unit stride along the reduction) and P.V with V a
+    permuted view (unit stride along N); 2-D and 3-D operands too."""
+    g = torch.Generator().manual_seed(0)
+    bsz, s, h, d = 3, 37, 4, 24
+    q = int8((bsz, s, h, d), g).transpose(1, 2)
+    k = int8((bsz, s, h, d), g).transpose(1, 2)
+    v = int8((bsz, s, h, d), g).transpose(1, 2)
+    p = int8((bsz, h, s, s), g, 0, 128)
+    assert torch.equal(torch.ops.zqhero.int8_bmm(q, k.transpose(-1, -2)), exact(q, k.transpose(-1, -2)))
+    assert torch.equal(torch.ops.zqhero.int8_bmm(p, v), exact(p, v))
+    # A with a non-unit stride along K, and a K that is not a multiple of 4: the packed-copy path
+    a = int8((2, 11, 9), g).transpose(-1, -2)
+    b = int8((2, 11, 6), g)
+    assert torch.equal(torch.ops.zqhero.int8_bmm(a, b), exact(a, b))
+    x, y = int8((7, 13), g), int8((13, 21), g)
+    assert torch.equal(torch.ops.zqhero.int8_bmm(x, y), exact(x, y))
+
+
+@needs_kernel
+@settings(max_examples=40, deadline=None)
+@given(b1=st.integers(1, 3), b2=st.integers(1, 3), m=st.integers(1, 40), k=st.integers(1, 150),
+       n=st.integers(1, 150), seed=st.integers(0, 2**16), transpose_b=st.booleans())
+def test_kernel_matches_exactly_hypothesis(b1, b2, m, k, n, seed, transpose_b):
+    g = torch.Generator().manual_seed(seed)
+    a = int8((b1, b2, m, k), g)
+    b = int8((b1, b2, n, k), g).transpose(-1, -2) if transpose_b else int8((b1, b2, k, n), g)
+    assert torch.equal(torch.ops.zqhero.int8_bmm(a, b), exact(a, b))
+
+
+def test_empty_and_zero_length_reductions():
+    a, b = torch.zeros(2, 0, 5, dtype=torch.int8), torch.zeros(2, 5, 3, dtype=torch.int8)
+    assert torch.ops.zqhero.int8_bmm(a, b).shape == (2, 0, 3)
+    a, b = torch.zeros(2, 4, 0, dtype=torch.int8), torch.zeros(2, 0, 3, dtype=torch.int8)
+    assert torch.equal(torch.ops.zqhero.int8_bmm(a, b), torch.zeros(2, 4, 3, dtype=torch.int32))
+
+
+def test_falls_back_to_the_reference_where_the_kernel_does_not_apply(monkeypatch):
+    g = torch.Generator().manual_seed(1)
+    # mismatched (broadcast) batch dims and 5-D operands are the reference's
+    a, b = int8((2, 3, 4, 8), g), int8((1, 3, 8, 5), g)
+    assert not B.fast_path_applies(a, b)
+    assert torch.equal(torch.ops.zqhero.int8_bmm(a, b), exact(a, b))
+    a5, b5 = int8((1, 2, 2, 3, 8), g), int8((1, 2, 2, 8, 5), g)
+    assert torch.equal(torch.ops.zqhero.int8_bmm(a5, b5), exact(a5, b5))
+    # ZQHERO_CPU_INT8_BMM=0 switches the kernel off
+    monkeypatch.setenv("ZQHERO_CPU_INT8_BMM", "0")
+    B.extension.cache_clear()
+    try:
+        assert B.extension() is None and not B.fast_path_applies(a5[0], b5[0])
+        assert torch.equal(torch.ops.zqhero.int8_bmm(a5[0], b5[0]), exact(a5[0], b5[0]))
+    finally:
+        monkeypatch.delenv("ZQHERO_CPU_INT8_BMM")
+        B.extension.cache_clear()
+
+
+def test_rejects_non_int8_operands():
+    with pytest.raises(TypeError, match="int8 operands"):
+        torch.ops.zqhero.int8_bmm(torch.zeros(2, 3), torch.zeros(3, 2))
+
+
+def test_fake_shape_and_dtype():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        out = torch.ops.zqhero.int8_bmm(torch.empty(2, 5, 7, 9, dtype=torch.int8),
+                                        torch.empty(2, 5, 9, 4, dtype=torch.int8))
+    assert out.shape == (2, 5, 7, 4) and out.dtype == torch.int32
+
+
+@needs_kernel
+def test_attention_reference_runs_its_matmuls_on_the_kernel():
+    """The CPU attention reference (what Inductor compiles on CPU) calls int8_bmm for Q.K^T and P.V, and its numbers
+    equal the float32 formulation's exactly."""
+    from zqhero_fx.kernels import int8_attention as A
+
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (int8((2, 3, 16, 8), g, -127) for _ in range(3))
+    args = (q, k, v, None, 0.01, 1.0 / 127, None, False, torch.float32)
+    graph = torch.fx.experimental.proxy_tensor.make_fx(A.int8_attention_ref)(*args).graph
+    assert sum(n.target is torch.ops.zqhero.int8_bmm.default for n in graph.nodes) == 2
+    with_kernel = A.int8_attention_ref(*args)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(B, "fast_path_applies", lambda a, b: False)
+        assert torch.equal(A.int8_attention_ref(*args), with_kernel)
