@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from tests.kernels.kernel_checks import DEVICES, assert_int8_close, random_int8, run_reference, run_triton
 from zqhero_fx.kernels import int8_attention as A
+from zqhero_fx.kernels import vnni_cpu
 
 P_SCALE = 1.0 / 127
 
@@ -50,6 +51,11 @@ def make_inputs(b, h, sq, sk, d, seed, *, mask="none", causal=False, out_scale=N
 def check(args, device):
     out = run_triton("int8_attention", device, *args)
     ref = run_reference("int8_attention", *args)
+    assert_attention_close(out, ref)
+    return out, ref
+
+
+def assert_attention_close(out, ref):
     assert out.shape == ref.shape and out.dtype == ref.dtype
     if out.dtype == torch.int8:
         assert_int8_close(out, ref)
@@ -60,7 +66,6 @@ def check(args, device):
         tight = 1e-4 * (1 + ref.float().abs()) if out.dtype == torch.float32 else 2e-2 * (1 + ref.float().abs())
         assert diff.max() <= 1.0 + float(tight.max()), float(diff.max())
         assert (diff > tight).float().mean() <= 1e-3, float((diff > tight).float().mean())
-    return out, ref
 
 
 CASES = [  # (B, H, Sq, Sk, D)
@@ -171,3 +176,81 @@ def test_autotune_space_is_bounded():
     assert 0 < len(A.ATTENTION_CONFIGS) <= 8
     for sq in (1, 64, 512):
         assert A._prune_attention_configs(A.ATTENTION_CONFIGS, {"sq_bucket": sq})
+
+
+# ---------------------------------------------------------------- the fused CPU kernel (AVX-512 VNNI, vnni_cpu.py)
+# Held to the Triton kernel's tolerances: its Q.K^T and P.V are exact too; exp and the row-sum order differ.
+needs_vnni = pytest.mark.skipif(vnni_cpu.extension() is None, reason="no AVX-512 VNNI here, or the build failed")
+
+
+def check_cpu_kernel(args):
+    q, k, v, mask, *_ = args
+    assert A.cpu_kernel_applies(q, k, v, mask, args[6])
+    out, ref = A.int8_attention_cpu(*args), A.int8_attention_ref(*args)
+    assert_attention_close(out, ref)
+    return out, ref
+
+
+@needs_vnni
+@pytest.mark.parametrize("mask", ["none", "float", "bool", "bool_heads", "float_2d"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c)))
+def test_cpu_kernel_masks(case, mask):
+    check_cpu_kernel(make_inputs(*case, seed=1, mask=mask))
+
+
+@needs_vnni
+@pytest.mark.parametrize("out_scale", ["feature", "scalar"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c)))
+def test_cpu_kernel_causal_requantized(case, out_scale):
+    check_cpu_kernel(make_inputs(*case, seed=2, mask="float", causal=True, out_scale=out_scale))
+
+
+@needs_vnni
+def test_cpu_kernel_edge_cases():
+    for out_dtype in (torch.float16, torch.bfloat16):
+        check_cpu_kernel(make_inputs(2, 2, 33, 40, 64, seed=3, mask="bool", out_dtype=out_dtype))
+    check_cpu_kernel(make_inputs(1, 2, 20, 50, 64, seed=5, temperature=50.0))
+    check_cpu_kernel(make_inputs(1, 2, 20, 50, 64, seed=5, temperature=1e-3))
+    args = list(make_inputs(2, 2, 6, 20, 32, seed=4, mask="bool"))
+    args[3][0, :, 2] = False
+    args[3][1] = False
+    out, _ = check_cpu_kernel(tuple(args))
+    assert torch.all(out[0, :, 2] == 0) and torch.all(out[1] == 0) and not torch.isnan(out).any()
+    q, k, v, *rest = make_inputs(1, 4, 9, 12, 32, seed=7)  # 3-D operands, a 1-D mask
+    check_cpu_kernel((q[0], k[0], v[0], torch.zeros(12), *rest[1:]))
+    g = torch.Generator().manual_seed(6)  # heads as strided views; D not a multiple of 4 (Q copied, not read in place)
+    b, s, h, d = 2, 19, 3, 30
+    q = random_int8((b, s, h * d), g).view(b, s, h, d).transpose(1, 2)
+    k = random_int8((b, s, h * d), g).view(b, s, h, d).transpose(1, 2)
+    v = random_int8((b, h, d, s), g).transpose(-1, -2)
+    check_cpu_kernel((q, k, v, None, 0.001, P_SCALE, torch.tensor([0.3]), True, torch.float32))
+
+
+@needs_vnni
+@settings(deadline=None, max_examples=25)
+@given(
+    b=st.integers(1, 2), h=st.integers(1, 3), sq=st.integers(1, 70), sk=st.integers(1, 70),
+    d=st.sampled_from([8, 32, 64, 128, 48, 20]), mask=st.sampled_from(["none", "float", "bool", "bool_heads"]),
+    causal=st.booleans(), out_scale=st.sampled_from([None, "feature", "scalar"]),
+    temperature=st.sampled_from([0.1, 1.0, 10.0]), seed=st.integers(0, 2**31 - 1),
+)
+def test_cpu_kernel_hypothesis(b, h, sq, sk, d, mask, causal, out_scale, temperature, seed):
+    check_cpu_kernel(make_inputs(b, h, sq, sk, d, seed, mask=mask, causal=causal, out_scale=out_scale,
+                                 temperature=temperature))
+
+
+@needs_vnni
+def test_op_runs_the_cpu_kernel_on_auto_and_the_reference_on_request():
+    from zqhero_fx import use_kernels
+
+    args = make_inputs(2, 3, 17, 17, 64, seed=8, mask="float", out_scale="feature")
+    with use_kernels("auto"):
+        assert torch.equal(torch.ops.zqhero.int8_attention(*args), A.int8_attention_cpu(*args))
+    with use_kernels("reference"):
+        assert torch.equal(torch.ops.zqhero.int8_attention(*args), A.int8_attention_ref(*args))
+    # operands the kernel does not take (broadcast K/V batch dims) fall back to the reference
+    q, k, v, *rest = args
+    assert not A.cpu_kernel_applies(q, k[:1], v[:1], None, None)
+    narrow = (q, k[:1].expand_as(k), v[:1].expand_as(v), *rest)
+    assert A.cpu_kernel_applies(*narrow[:4], narrow[6])  # expanded views are fine: stride 0 batch
+    check_cpu_kernel(narrow)

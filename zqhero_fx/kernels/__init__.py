@@ -4,7 +4,7 @@
 from zqhero_fx.kernels import (  # noqa: F401  (imported to register the ops)
     embedding_layer_norm_quant,
     int8_attention,
-    int8_bmm_cpu,
+    vnni_cpu,
     int8_linear,
     layer_norm_quant,
     quantize,

@@ -19,8 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from zqhero_fx.kernels import int8_bmm_cpu
-from zqhero_fx.kernels._select import wants_triton
+from zqhero_fx.kernels import vnni_cpu
+from zqhero_fx.kernels._select import kernel_choice, wants_triton
 from zqhero_fx.kernels._triton_common import (
     QMAX_F,
     cast_rne,
@@ -58,7 +58,7 @@ def exact_int_matmul(a: torch.Tensor, b: torch.Tensor, terms) -> torch.Tensor:
 
     On a CPU with AVX-512 VNNI this is zqhero::int8_bmm (INT8 in, exact INT32 out, ~5x the float32 batched matmul);
     elsewhere a float32 matmul, exact up to EXACT_FP32_TERMS, or float64 past that. All give the same numbers."""
-    if int8_bmm_cpu.fast_path_applies(a, b):
+    if vnni_cpu.fast_path_applies(a, b):
         return torch.ops.zqhero.int8_bmm(a.to(torch.int8), b.to(torch.int8)).float()
     if terms <= EXACT_FP32_TERMS:
         return torch.matmul(a.float(), b.float())
@@ -299,6 +299,40 @@ def int8_attention_triton(q, k, v, attn_mask, qk_scale, p_scale, out_scale, is_c
     return out
 
 
+# ---------------------------------------------------------------- CPU kernel (AVX-512 VNNI, vnni_cpu.py)
+def cpu_kernel_applies(q, k, v, attn_mask, out_scale) -> bool:
+    """Whether the fused VNNI kernel takes these operands: int8 q, k, v on the CPU with one set of 1 or 2 batch dims,
+    a mask and an output scale that broadcast to the logits and the output, and the extension available."""
+    if not all(t.device.type == "cpu" and t.dtype == torch.int8 for t in (q, k, v)):
+        return False
+    if not (q.dim() == k.dim() == v.dim() and q.dim() in (3, 4) and q.shape[:-2] == k.shape[:-2] == v.shape[:-2]
+            and q.shape[-1] == k.shape[-1] and k.shape[-2] == v.shape[-2]):
+        return False
+    if max(q.shape[-1], k.shape[-2]) > vnni_cpu.MAX_TERMS or vnni_cpu.extension() is None:
+        return False
+    logits_shape = (*q.shape[:-1], k.shape[-2])
+    out_shape = (*q.shape[:-1], v.shape[-1])
+    for operand, shape in ((attn_mask, logits_shape), (out_scale, out_shape)):
+        if operand is not None and (operand.device.type != "cpu" or operand.dim() > 4
+                                    or torch.broadcast_shapes(operand.shape, shape) != shape):
+            return False
+    return True
+
+
+def int8_attention_cpu(q, k, v, attn_mask, qk_scale, p_scale, out_scale, is_causal, out_dtype):
+    """Launcher for the fused CPU kernel: operands as 4-D strided views (broadcasts as stride 0), one call."""
+    four_d = [t if t.dim() == 4 else t.unsqueeze(0) for t in (q, k, v)]
+    b, h, sq, _ = four_d[0].shape
+    sk, dv = four_d[1].shape[-2], four_d[2].shape[-1]
+    mask = attention_logits_mask(attn_mask, False, sq, sk, q.device)  # causal is applied inside the kernel
+    if mask is not None:
+        mask = mask.expand(b, h, sq, sk)
+    scale = out_scale.float().expand(b, h, sq, dv) if out_scale is not None else None
+    out = vnni_cpu.extension().int8_attention(*four_d, mask, float(qk_scale), float(p_scale), scale, bool(is_causal))
+    out = out.reshape(*q.shape[:-1], dv)
+    return out if out_scale is not None else out.to(out_dtype)
+
+
 # ---------------------------------------------------------------- registration
 @torch.library.custom_op("zqhero::int8_attention", mutates_args=())
 def int8_attention(
@@ -314,6 +348,8 @@ def int8_attention(
 ) -> torch.Tensor:
     if wants_triton(q):
         return int8_attention_triton(q, k, v, attn_mask, qk_scale, p_scale, out_scale, is_causal, out_dtype)
+    if kernel_choice() == "auto" and cpu_kernel_applies(q, k, v, attn_mask, out_scale):
+        return int8_attention_cpu(q, k, v, attn_mask, qk_scale, p_scale, out_scale, is_causal, out_dtype)
     return int8_attention_ref(q, k, v, attn_mask, qk_scale, p_scale, out_scale, is_causal, out_dtype)
 
 

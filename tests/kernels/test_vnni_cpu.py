@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from zqhero_fx.kernels import int8_bmm_cpu as B
+from zqhero_fx.kernels import vnni_cpu as B
 
 needs_kernel = pytest.mark.skipif(B.extension() is None, reason="no AVX-512 VNNI on this CPU, or the build failed")
 
