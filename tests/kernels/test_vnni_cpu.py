@@ -94,14 +94,14 @@ def test_falls_back_to_the_reference_where_the_kernel_does_not_apply(monkeypatch
     assert torch.equal(torch.ops.zqhero.int8_bmm(a, b), exact(a, b))
     a5, b5 = int8((1, 2, 2, 3, 8), g), int8((1, 2, 2, 8, 5), g)
     assert torch.equal(torch.ops.zqhero.int8_bmm(a5, b5), exact(a5, b5))
-    # ZQHERO_CPU_INT8_BMM=0 switches the kernel off
-    monkeypatch.setenv("ZQHERO_CPU_INT8_BMM", "0")
+    # ZQHERO_CPU_VNNI=0 switches the kernel off
+    monkeypatch.setenv("ZQHERO_CPU_VNNI", "0")
     B.extension.cache_clear()
     try:
         assert B.extension() is None and not B.fast_path_applies(a5[0], b5[0])
         assert torch.equal(torch.ops.zqhero.int8_bmm(a5[0], b5[0]), exact(a5[0], b5[0]))
     finally:
-        monkeypatch.delenv("ZQHERO_CPU_INT8_BMM")
+        monkeypatch.delenv("ZQHERO_CPU_VNNI")
         B.extension.cache_clear()
 
 

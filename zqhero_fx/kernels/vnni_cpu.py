@@ -1,16 +1,18 @@
-"""Exact INT8 x INT8 -> INT32 batched matmul on the CPU, for the attention core's Q.K^T and P.V.
+"""AVX-512 VNNI CPU kernels: the exact INT8 batched matmul `zqhero::int8_bmm`, and the fused INT8 attention kernel that
+`zqhero::int8_attention` runs on CPU tensors (its launcher lives beside the op in int8_attention.py).
 
 oneDNN's `torch._int_mm` is 2-D only, and looping it over BERT's 96 (batch x head) slices of 128x64x128 costs more in
-per-call set-up than the float32 batched matmul it would replace. The reference therefore used float32 (exact for
-int8 products up to 1040 terms), at float32 speed. This op is a small C++ kernel built on first use with
-`torch.utils.cpp_extension`: each slice's B is packed into the VNNI layout ([K/4][N][4] bytes), A is shifted to
-unsigned (a + 128, as `vpdpbusd` wants u8 x s8) and the shift is taken back out exactly with 128 * column sums of B;
-4 x 64 output tiles accumulate in 16 AVX-512 registers; slices run in parallel on ATen's thread pool. A is read in
-place (sign bit flipped as it is broadcast) when its rows are contiguous.
+per-call set-up than the float32 batched matmul it would replace; the attention reference therefore used float32
+(exact for int8 products up to 1040 terms), at float32 speed. These kernels are one small C++ extension built on first
+use with `torch.utils.cpp_extension` (then cached). Each slice's B is packed into the VNNI layout ([K/4][N][4] bytes);
+A is read in place with its sign bit flipped (a + 128: `vpdpbusd` multiplies u8 by s8) and the shift is taken back
+out exactly with 128 * column sums of B; 4 x 64 output tiles accumulate in 16 AVX-512 registers; slices run in
+parallel on ATen's thread pool. The attention kernel runs softmax, INT8 probabilities and the epilogue between its two
+tiles, four query rows at a time.
 
-`int8_bmm_ref` is the spec (an exact int64 matmul); the op falls back to it where the CPU lacks AVX-512 VNNI, the
-build fails (one warning says why), the tensors are not on the CPU, K is so long that int32 could overflow, or
-ZQHERO_CPU_INT8_BMM=0.
+`int8_bmm_ref` is int8_bmm's spec (an exact float64 matmul). Both kernels step aside (int8_bmm to its reference,
+int8_attention to its PyTorch reference) where the CPU lacks AVX-512 VNNI, the build fails (one warning says why),
+the tensors are not on the CPU, K is so long that int32 could overflow, or ZQHERO_CPU_VNNI=0.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import shutil
 import threading
 import warnings
 
@@ -89,6 +92,17 @@ inline void row_block(const int8_t* a, int64_t lda, const int8_t* bp, int64_t gr
       case 2: tile<R, 2>(a, lda, b, group_bytes, groups, comp + n0, c + n0, n, n - n0); break;
       default: tile<R, 1>(a, lda, b, group_bytes, groups, comp + n0, c + n0, n, n - n0); break;
     }
+  }
+}
+
+// `rows` (1..kRows) output rows: the register-tile template for that many.
+inline void rows_block(int64_t rows, const int8_t* a, int64_t lda, const int8_t* bp, int64_t groups,
+                       const int32_t* comp, int32_t* c, int64_t n, int64_t n_padded) {
+  switch (rows) {
+    case 4: row_block<4>(a, lda, bp, groups, comp, c, n, n_padded); break;
+    case 3: row_block<3>(a, lda, bp, groups, comp, c, n, n_padded); break;
+    case 2: row_block<2>(a, lda, bp, groups, comp, c, n, n_padded); break;
+    default: row_block<1>(a, lda, bp, groups, comp, c, n, n_padded); break;
   }
 }
 
@@ -211,13 +225,7 @@ torch::Tensor int8_attention(const torch::Tensor& q, const torch::Tensor& k, con
           a = q_rows.data();
           lda = d_padded;
         }
-        const int8_t* kpb = (const int8_t*)kp.data();
-        switch (rows) {
-          case 4: row_block<4>(a, lda, kpb, groups_d, kcomp.data(), scores.data(), Sk, sk_padded16); break;
-          case 3: row_block<3>(a, lda, kpb, groups_d, kcomp.data(), scores.data(), Sk, sk_padded16); break;
-          case 2: row_block<2>(a, lda, kpb, groups_d, kcomp.data(), scores.data(), Sk, sk_padded16); break;
-          default: row_block<1>(a, lda, kpb, groups_d, kcomp.data(), scores.data(), Sk, sk_padded16); break;
-        }
+        rows_block(rows, a, lda, (const int8_t*)kp.data(), groups_d, kcomp.data(), scores.data(), Sk, sk_padded16);
         float row_sum[kRows];
         std::fill(p_rows.begin(), p_rows.end(), 0);
         for (int64_t r = 0; r < rows; ++r) {
@@ -264,13 +272,8 @@ torch::Tensor int8_attention(const torch::Tensor& q, const torch::Tensor& k, con
           }
           row_sum[r] = _mm512_reduce_add_ps(vsum);
         }
-        const int8_t* vpb = (const int8_t*)vp.data();
-        switch (rows) {
-          case 4: row_block<4>(p_rows.data(), k_padded4, vpb, groups_k, vcomp.data(), pv.data(), Dv, dv_padded); break;
-          case 3: row_block<3>(p_rows.data(), k_padded4, vpb, groups_k, vcomp.data(), pv.data(), Dv, dv_padded); break;
-          case 2: row_block<2>(p_rows.data(), k_padded4, vpb, groups_k, vcomp.data(), pv.data(), Dv, dv_padded); break;
-          default: row_block<1>(p_rows.data(), k_padded4, vpb, groups_k, vcomp.data(), pv.data(), Dv, dv_padded); break;
-        }
+        rows_block(rows, p_rows.data(), k_padded4, (const int8_t*)vp.data(), groups_k, vcomp.data(), pv.data(), Dv,
+                   dv_padded);
         for (int64_t r = 0; r < rows; ++r) {
           const int64_t i = i0 + r;
           const __m512 denom = _mm512_set1_ps(row_sum[r] > 0.0f ? row_sum[r] : 1.0f);
@@ -339,15 +342,9 @@ torch::Tensor int8_bmm(const torch::Tensor& a, const torch::Tensor& b) {
       column_shift(b_packed.data(), groups, n_padded, comp.data());
       const int8_t* bp = (const int8_t*)b_packed.data();
       int32_t* cs = c_base + s * M * N;
-      int64_t m0 = 0;
-      for (; m0 + kRows <= M; m0 += kRows)
-        row_block<kRows>(a_rows + m0 * lda, lda, bp, groups, comp.data(), cs + m0 * N, N, n_padded);
-      switch (M - m0) {
-        case 3: row_block<3>(a_rows + m0 * lda, lda, bp, groups, comp.data(), cs + m0 * N, N, n_padded); break;
-        case 2: row_block<2>(a_rows + m0 * lda, lda, bp, groups, comp.data(), cs + m0 * N, N, n_padded); break;
-        case 1: row_block<1>(a_rows + m0 * lda, lda, bp, groups, comp.data(), cs + m0 * N, N, n_padded); break;
-        default: break;
-      }
+      for (int64_t m0 = 0; m0 < M; m0 += kRows)
+        rows_block(std::min<int64_t>(kRows, M - m0), a_rows + m0 * lda, lda, bp, groups, comp.data(), cs + m0 * N, N,
+                   n_padded);
     }
   });
   return c;
@@ -374,18 +371,23 @@ def cpu_has_vnni() -> bool:
 @functools.cache
 def extension():
     """The compiled module, or None (with one warning saying why) where it cannot be used here."""
-    if os.environ.get("ZQHERO_CPU_INT8_BMM", "1").strip() == "0" or not cpu_has_vnni():
+    if os.environ.get("ZQHERO_CPU_VNNI", "1").strip() == "0" or not cpu_has_vnni():
         return None
     with _build_lock:
         try:
             from torch.utils.cpp_extension import load_inline
 
-            log.info("zqhero: building (or loading the cached) AVX-512 VNNI int8 batched matmul")
+            if shutil.which("ninja") is None:  # the `ninja` wheel's binary, when its scripts dir is not on PATH
+                import ninja
+
+                os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+
+            log.info("zqhero: building (or loading the cached) AVX-512 VNNI CPU kernels")
             return load_inline("zqhero_vnni_cpu", cpp_sources=CPP_SOURCE, functions=["int8_bmm", "int8_attention"],
                                extra_cflags=CPP_FLAGS, extra_ldflags=["-fopenmp"], verbose=False)
         except Exception as error:  # no compiler / ninja: stay correct, just slower
-            warnings.warn(f"zqhero: the AVX-512 VNNI int8 batched matmul did not build ({type(error).__name__}: "
-                          f"{str(error)[:300]}); attention matmuls on the CPU use exact float32/float64 instead",
+            warnings.warn(f"zqhero: the AVX-512 VNNI CPU kernels did not build ({type(error).__name__}: "
+                          f"{str(error)[:300]}); CPU attention runs its PyTorch reference instead",
                           RuntimeWarning, stacklevel=2)
             return None
 
