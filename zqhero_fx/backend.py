@@ -40,7 +40,6 @@ import torch.utils._pytree as pytree
 from zqhero_fx import api
 from zqhero_fx.capture import split_inputs
 from zqhero_fx.errors import CalibrationError, CaptureError, ConfigError
-from zqhero_fx.kernels import kernel_choice
 from zqhero_fx.modes import QuantConfig, resolve_mode, resolve_overrides
 from zqhero_fx.passes._graph import module_path, weight_module_path
 
@@ -419,8 +418,7 @@ class ZqheroBackend:
     def _compile(self, quantized: fx.GraphModule) -> Callable:
         from zqhero_fx.inductor import relayout_gemm_weights
 
-        if kernel_choice() != "triton":  # CPU weights N-major for oneDNN (see relayout_gemm_weights)
-            quantized = relayout_gemm_weights(quantized)
+        quantized = relayout_gemm_weights(quantized)  # CPU weights N-major for oneDNN
         if not self.inductor:
             return quantized.forward
         from torch._inductor.compile_fx import compile_fx

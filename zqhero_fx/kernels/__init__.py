@@ -4,11 +4,11 @@
 from zqhero_fx.kernels import (  # noqa: F401  (imported to register the ops)
     embedding_layer_norm_quant,
     int8_attention,
-    vnni_cpu,
     int8_linear,
     layer_norm_quant,
     quantize,
     quantized_embedding,
+    vnni_cpu,
 )
 from zqhero_fx.kernels._select import kernel_choice, use_kernels
 

@@ -321,7 +321,7 @@ def cpu_kernel_applies(q, k, v, attn_mask, out_scale) -> bool:
 
 def int8_attention_cpu(q, k, v, attn_mask, qk_scale, p_scale, out_scale, is_causal, out_dtype):
     """Launcher for the fused CPU kernel: operands as 4-D strided views (broadcasts as stride 0), one call."""
-    four_d = [t if t.dim() == 4 else t.unsqueeze(0) for t in (q, k, v)]
+    four_d = [vnni_cpu.as_4d(t) for t in (q, k, v)]
     b, h, sq, _ = four_d[0].shape
     sk, dv = four_d[1].shape[-2], four_d[2].shape[-1]
     mask = attention_logits_mask(attn_mask, False, sq, sk, q.device)  # causal is applied inside the kernel

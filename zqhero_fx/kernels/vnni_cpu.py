@@ -135,6 +135,24 @@ void pack_b(const int8_t* b, int64_t sk, int64_t sn, int64_t K, int64_t N, int64
     for (int64_t n = 0; n < N; ++n) bytes[(k / 4) * n_padded * 4 + n * 4 + (k % 4)] = b[k * sk + n * sn];
 }
 
+// The tiles read A in place when its rows are contiguous whole 4-byte groups.
+inline bool a_in_place(int64_t sk, int64_t K) { return sk == 1 && K % 4 == 0; }
+
+// Rows of A [rows, K] (strides sr, sk) for the tiles: in place (see a_in_place), else copied into `buffer`
+// ([rows][k_padded], zero padded). Returns the rows to read and sets their stride.
+inline const int8_t* a_rows_for_tiles(const int8_t* a, int64_t sr, int64_t sk, int64_t rows, int64_t K,
+                                      int64_t k_padded, std::vector<int8_t>& buffer, int64_t* lda) {
+  if (a_in_place(sk, K)) {
+    *lda = sr;
+    return a;
+  }
+  std::fill(buffer.begin(), buffer.end(), 0);
+  for (int64_t m = 0; m < rows; ++m)
+    for (int64_t k = 0; k < K; ++k) buffer[m * k_padded + k] = a[m * sr + k * sk];
+  *lda = k_padded;
+  return buffer.data();
+}
+
 // comp[n] = 128 * sum_k B[k, n], from the packed words: dpbusd with all-ones u8 sums each word's four bytes.
 void column_shift(const int32_t* packed, int64_t groups, int64_t n_padded, int32_t* comp) {
   const __m512i ones = _mm512_set1_epi8(1);
@@ -195,7 +213,6 @@ torch::Tensor int8_attention(const torch::Tensor& q, const torch::Tensor& k, con
   if (quant_out) { o_base = out_scale->data_ptr<float>(); so.assign(out_scale->strides().begin(), out_scale->strides().end()); }
   const int64_t groups_d = (D + 3) / 4, d_padded = 4 * groups_d, sk_padded16 = (Sk + 15) / 16 * 16;
   const int64_t groups_k = (Sk + 3) / 4, k_padded4 = 4 * groups_k, dv_padded = (Dv + 15) / 16 * 16;
-  const bool q_in_place = sq[3] == 1 && D % 4 == 0;
   const int8_t* q_base = q.data_ptr<int8_t>();
   const int8_t* k_base = k.data_ptr<int8_t>();
   const int8_t* v_base = v.data_ptr<int8_t>();
@@ -203,7 +220,7 @@ torch::Tensor int8_attention(const torch::Tensor& q, const torch::Tensor& k, con
   const int64_t out_item = quant_out ? 1 : 4;
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
     std::vector<int32_t> kp(groups_d * sk_padded16), kcomp(sk_padded16), vp(groups_k * dv_padded), vcomp(dv_padded);
-    std::vector<int8_t> q_rows(q_in_place ? 0 : kRows * d_padded), p_rows(kRows * k_padded4);
+    std::vector<int8_t> q_rows(a_in_place(sq[3], D) ? 0 : kRows * d_padded), p_rows(kRows * k_padded4);
     std::vector<int32_t> scores(kRows * Sk), pv(kRows * Dv);
     std::vector<float> logits(sk_padded16);
     for (int64_t s = begin; s < end; ++s) {
@@ -216,15 +233,8 @@ torch::Tensor int8_attention(const torch::Tensor& q, const torch::Tensor& k, con
       column_shift(vp.data(), groups_k, dv_padded, vcomp.data());
       for (int64_t i0 = 0; i0 < Sq; i0 += kRows) {
         const int64_t rows = std::min<int64_t>(kRows, Sq - i0);
-        const int8_t* a = qs + i0 * sq[2];
-        int64_t lda = sq[2];
-        if (!q_in_place) {
-          std::fill(q_rows.begin(), q_rows.end(), 0);
-          for (int64_t r = 0; r < rows; ++r)
-            for (int64_t d = 0; d < D; ++d) q_rows[r * d_padded + d] = qs[(i0 + r) * sq[2] + d * sq[3]];
-          a = q_rows.data();
-          lda = d_padded;
-        }
+        int64_t lda;
+        const int8_t* a = a_rows_for_tiles(qs + i0 * sq[2], sq[2], sq[3], rows, D, d_padded, q_rows, &lda);
         rows_block(rows, a, lda, (const int8_t*)kp.data(), groups_d, kcomp.data(), scores.data(), Sk, sk_padded16);
         float row_sum[kRows];
         std::fill(p_rows.begin(), p_rows.end(), 0);
@@ -320,24 +330,15 @@ torch::Tensor int8_bmm(const torch::Tensor& a, const torch::Tensor& b) {
   const int8_t* b_base = b.data_ptr<int8_t>();
   int32_t* c_base = c.data_ptr<int32_t>();
   const std::vector<int64_t> sa(a.strides().begin(), a.strides().end()), sb(b.strides().begin(), b.strides().end());
-  // A is read in place when its rows are contiguous and whole 4-byte groups; else copied with zero padding.
-  const bool a_in_place = sa[3] == 1 && K % 4 == 0;
   at::parallel_for(0, B1 * B2, 1, [&](int64_t begin, int64_t end) {
-    std::vector<int8_t> a_packed(a_in_place ? 0 : M * k_padded);
+    std::vector<int8_t> a_packed(a_in_place(sa[3], K) ? 0 : M * k_padded);
     std::vector<int32_t> b_packed(groups * n_padded), comp(n_padded);
     for (int64_t s = begin; s < end; ++s) {
       const int64_t i = s / B2, j = s % B2;
       const int8_t* as = a_base + i * sa[0] + j * sa[1];
       const int8_t* bs = b_base + i * sb[0] + j * sb[1];
-      const int8_t* a_rows = as;
-      int64_t lda = sa[2];
-      if (!a_in_place) {
-        std::fill(a_packed.begin(), a_packed.end(), 0);
-        for (int64_t m = 0; m < M; ++m)
-          for (int64_t k = 0; k < K; ++k) a_packed[m * k_padded + k] = as[m * sa[2] + k * sa[3]];
-        a_rows = a_packed.data();
-        lda = k_padded;
-      }
+      int64_t lda;
+      const int8_t* a_rows = a_rows_for_tiles(as, sa[2], sa[3], M, K, k_padded, a_packed, &lda);
       pack_b(bs, sb[2], sb[3], K, N, n_padded, b_packed.data());
       column_shift(b_packed.data(), groups, n_padded, comp.data());
       const int8_t* bp = (const int8_t*)b_packed.data();
@@ -392,7 +393,8 @@ def extension():
             return None
 
 
-def _as_4d(t: torch.Tensor) -> torch.Tensor:
+def as_4d(t: torch.Tensor) -> torch.Tensor:
+    """Leading size-1 dims up to 4-D (the kernels take [B1, B2, rows, cols] operands)."""
     while t.dim() < 4:
         t = t.unsqueeze(0)
     return t
@@ -410,7 +412,7 @@ def int8_bmm_impl(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         raise TypeError(f"zqhero::int8_bmm takes int8 operands, got {a.dtype} and {b.dtype}")
     if not fast_path_applies(a, b):
         return int8_bmm_ref(a, b)
-    out = extension().int8_bmm(_as_4d(a), _as_4d(b))
+    out = extension().int8_bmm(as_4d(a), as_4d(b))
     return out.reshape(*a.shape[:-1], b.shape[-1])
 
 
