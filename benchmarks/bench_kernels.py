@@ -3,12 +3,12 @@
 
 On CUDA, over BERT-base shapes (batch 1/8/32/128 x seq 128/384, hidden 768, FFN 3072, 12 heads x 64):
 
-  layer_norm_quant            vs  the reference (add, fp32 LayerNorm, per-token quantize as separate ops) and
+  norm_quant            vs  the reference (add, fp32 LayerNorm, per-token quantize as separate ops) and
                                   fp16 F.layer_norm + a separate quantize
-  int8_linear (QKV, attention-out, FFN1 with GeLU, FFN2 with residual)
+  quantized_linear (QKV, attention-out, FFN1 with GeLU, FFN2 with residual)
                               vs  torch._int_mm + separate epilogue ops (the reference) and fp16 F.linear (cuBLAS)
-  int8_attention              vs  the reference (unfused, where it fits in memory) and fp16 scaled_dot_product_attention
-  quantize_per_token / quantize / dequantize / quantized_embedding / embedding_layer_norm_quant
+  quantized_attention              vs  the reference (unfused, where it fits in memory) and fp16 scaled_dot_product_attention
+  quantize_per_token / quantize / dequantize / quantized_embedding / embedding_norm_quant
                               vs  their references
 
 Times are medians from triton.testing.do_bench (warm-up included, so autotuning happens before timing), or from CUDA
@@ -20,7 +20,7 @@ Without CUDA the script says so and exits 0; `--cpu-interpret` instead runs ever
 through the Triton interpreter (numbers meaningless) to prove the script and the kernels run end to end.
 
     python benchmarks/bench_kernels.py --out bench.json
-    python benchmarks/bench_kernels.py --batches 32 --seqs 384 --kernels int8_linear int8_attention
+    python benchmarks/bench_kernels.py --batches 32 --seqs 384 --kernels quantized_linear quantized_attention
     python benchmarks/bench_kernels.py --cpu-interpret --out /tmp/smoke.json
 """
 
@@ -45,8 +45,8 @@ PEAKS = {
 }
 
 KERNELS = [
-    "layer_norm_quant", "int8_linear", "int8_attention", "quantize_per_token", "quantize", "dequantize",
-    "quantized_embedding", "embedding_layer_norm_quant",
+    "norm_quant", "quantized_linear", "quantized_attention", "quantize_per_token", "quantize", "dequantize",
+    "quantized_embedding", "embedding_norm_quant",
 ]
 
 BERT_BASE = dict(hidden=768, ffn=3072, heads=12, head_dim=64, vocab=30522, max_pos=512)
@@ -162,8 +162,9 @@ def run(args) -> dict:
     import triton
     import triton.testing  # noqa: F401
 
-    from zqhero_fx.kernels import OPS, use_kernels
-    from zqhero_fx.kernels.quantize import quantize_per_token_ref, quantize_weight_per_channel
+    from zqhero_fx.kernels import REFERENCES as OPS, use_kernels
+    from zqhero_fx.formats import INT8
+    from zqhero_fx.kernels.quantize import quantize_per_token_ref
 
     bench = Bench(args, torch, triton)
     dims = TINY if args.cpu_interpret else BERT_BASE
@@ -196,28 +197,28 @@ def run(args) -> dict:
             tokens = batch * seq
             tag = f"B{batch} S{seq}"
 
-            if "layer_norm_quant" in args.kernels:
+            if "norm_quant" in args.kernels:
                 x, r = randn(tokens, hidden, dtype=half), randn(tokens, hidden, dtype=half)
                 w, b = randn(hidden, dtype=half), randn(hidden, dtype=half)
                 op_args = (x, r, w, b, 1e-12, True, False)  # BERT is post-LN: the normed output is the residual
-                bench.check("layer_norm_quant", triton_op("layer_norm_quant", *op_args)(),
-                            OPS["layer_norm_quant"](*op_args), atol=1e-2)
+                bench.check("norm_quant", triton_op("norm_quant", *op_args)(),
+                            OPS["norm_quant"](*op_args), atol=1e-2)
                 es = x.element_size()
                 moved = tokens * hidden * (2 * es + 1 + es) + tokens * 4
                 shape = f"{tag} [{tokens}x{hidden}]"
-                bench.add("layer_norm_quant", shape, "triton", triton_op("layer_norm_quant", *op_args),
+                bench.add("norm_quant", shape, "triton", triton_op("norm_quant", *op_args),
                           bytes_moved=moved, tokens=tokens)
-                bench.add("layer_norm_quant", shape, "reference (unfused)", ref_op("layer_norm_quant", *op_args),
+                bench.add("norm_quant", shape, "reference (unfused)", ref_op("norm_quant", *op_args),
                           bytes_moved=moved, tokens=tokens)
 
                 def ln_then_quant():
                     y = F.layer_norm(x + r, (hidden,), w, b, 1e-12)
                     return quantize_per_token_ref(y), y
 
-                bench.add("layer_norm_quant", shape, "F.layer_norm + quantize", ln_then_quant, bytes_moved=moved,
+                bench.add("norm_quant", shape, "F.layer_norm + quantize", ln_then_quant, bytes_moved=moved,
                           tokens=tokens)
 
-            if "int8_linear" in args.kernels:
+            if "quantized_linear" in args.kernels:
                 layers = [  # (name, K, N, activation, residual, requantize)
                     ("qkv", hidden, 3 * hidden, "none", False, True),
                     ("attn_out", hidden, hidden, "none", True, False),
@@ -227,21 +228,21 @@ def run(args) -> dict:
                 for lname, k, n, act, has_res, requant in layers:
                     xq, xs = rand_int8(tokens, k), randn(tokens, 1).abs() * 0.01
                     w16 = randn(n, k, dtype=half) * 0.05
-                    wq, ws = quantize_weight_per_channel(w16.float())
+                    wq, ws = INT8.quantize_per_channel(w16.float())
                     bias = randn(n)
                     res = randn(tokens, n, dtype=half) if has_res else None
                     out_scale = randn(n).abs() * 0.05 + 0.01 if requant else None
-                    op_args = (xq, xs, wq, ws, bias, res, out_scale, act, half)
+                    op_args = (xq, xs, wq, ws, bias, res, out_scale, act, torch.int8 if requant else half)
                     int_mm_ok = tokens > 16 or args.cpu_interpret  # torch._int_mm needs M > 16 on CUDA
                     if int_mm_ok:
-                        bench.check(f"int8_linear {lname}", triton_op("int8_linear", *op_args)(),
-                                    OPS["int8_linear"](*op_args), atol=1e-2)
+                        bench.check(f"quantized_linear {lname}", triton_op("quantized_linear", *op_args)(),
+                                    OPS["quantized_linear"](*op_args), atol=1e-2)
                     shape = f"{tag} {lname} [{tokens}x{k}]x[{k}x{n}]"
                     flops = 2 * tokens * n * k
-                    bench.add("int8_linear", shape, "triton", triton_op("int8_linear", *op_args), flops=flops,
+                    bench.add("quantized_linear", shape, "triton", triton_op("quantized_linear", *op_args), flops=flops,
                               tokens=tokens)
                     if int_mm_ok:
-                        bench.add("int8_linear", shape, "torch._int_mm + epilogue", ref_op("int8_linear", *op_args),
+                        bench.add("quantized_linear", shape, "torch._int_mm + epilogue", ref_op("quantized_linear", *op_args),
                                   flops=flops, tokens=tokens)
                     x16, b16 = randn(tokens, k, dtype=half), bias.to(half)
 
@@ -251,32 +252,32 @@ def run(args) -> dict:
                             y = F.gelu(y)
                         return y if res is None else y + res
 
-                    bench.add("int8_linear", shape, "fp16 cuBLAS (F.linear)", fp16_linear, flops=flops,
+                    bench.add("quantized_linear", shape, "fp16 cuBLAS (F.linear)", fp16_linear, flops=flops,
                               tokens=tokens)
 
-            if "int8_attention" in args.kernels:
+            if "quantized_attention" in args.kernels:
                 q, k, v = (rand_int8(batch, heads, seq, head_dim) for _ in range(3))
                 mask = torch.zeros(batch, 1, 1, seq, device=dev)
                 out_scale = randn(heads, 1, head_dim).abs() * 0.3 + 0.2
                 qk_scale = (4.0 / 127) ** 2 / math.sqrt(head_dim)
-                op_args = (q, k, v, mask, qk_scale, 1 / 127, out_scale, False, half)
+                op_args = (q, k, v, mask, qk_scale, 1 / 127, out_scale, False, torch.int8)
                 shape = f"{tag} [{batch}x{heads}x{seq}x{head_dim}]"
                 flops = 4 * batch * heads * seq * seq * head_dim
                 reference_fits = batch * heads * seq * seq <= 2**28
                 if reference_fits:
-                    bench.check("int8_attention", triton_op("int8_attention", *op_args)(),
-                                OPS["int8_attention"](*op_args), atol=1e-2)
-                bench.add("int8_attention", shape, "triton", triton_op("int8_attention", *op_args), flops=flops,
+                    bench.check("quantized_attention", triton_op("quantized_attention", *op_args)(),
+                                OPS["quantized_attention"](*op_args), atol=1e-2)
+                bench.add("quantized_attention", shape, "triton", triton_op("quantized_attention", *op_args), flops=flops,
                           tokens=tokens)
                 if reference_fits:
-                    bench.add("int8_attention", shape, "reference (unfused)", ref_op("int8_attention", *op_args),
+                    bench.add("quantized_attention", shape, "reference (unfused)", ref_op("quantized_attention", *op_args),
                               flops=flops, tokens=tokens)
                 q16, k16, v16 = (randn(batch, heads, seq, head_dim, dtype=half) for _ in range(3))
                 mask16 = mask.to(half)
-                bench.add("int8_attention", shape, "fp16 SDPA (masked)",
+                bench.add("quantized_attention", shape, "fp16 SDPA (masked)",
                           lambda: F.scaled_dot_product_attention(q16, k16, v16, attn_mask=mask16), flops=flops,
                           tokens=tokens)
-                bench.add("int8_attention", shape, "fp16 SDPA (no mask)",
+                bench.add("quantized_attention", shape, "fp16 SDPA (no mask)",
                           lambda: F.scaled_dot_product_attention(q16, k16, v16), flops=flops, tokens=tokens)
 
             elementwise_shape = f"{tag} [{tokens}x{hidden}]"
@@ -317,7 +318,7 @@ def run(args) -> dict:
                                  ("reference (unfused)", ref_op("quantized_embedding", *op_args))):
                     bench.add("quantized_embedding", elementwise_shape, impl, fn, bytes_moved=moved, tokens=tokens)
 
-            if "embedding_layer_norm_quant" in args.kernels:
+            if "embedding_norm_quant" in args.kernels:
                 ids = torch.randint(0, dims["vocab"], (batch, seq), generator=gen, device=dev)
                 type_ids = torch.zeros(batch, seq, dtype=torch.long, device=dev)
                 pos_ids = torch.arange(seq, device=dev)[None]
@@ -327,11 +328,11 @@ def run(args) -> dict:
                 op_args = ([ids, type_ids, pos_ids], tables, scales, w, b, 1e-12, True)
                 # Gathered rows (int8 word/type, fp32 position: mostly cache hits), int8 + fp32 normed out.
                 moved = tokens * hidden * (1 + 1 + 4 + 1 + 4) + tokens * 24
-                bench.check("embedding_layer_norm_quant", triton_op("embedding_layer_norm_quant", *op_args)(),
-                            OPS["embedding_layer_norm_quant"](*op_args), atol=1e-2)
-                for impl, fn in (("triton", triton_op("embedding_layer_norm_quant", *op_args)),
-                                 ("reference (unfused)", ref_op("embedding_layer_norm_quant", *op_args))):
-                    bench.add("embedding_layer_norm_quant", elementwise_shape, impl, fn, bytes_moved=moved,
+                bench.check("embedding_norm_quant", triton_op("embedding_norm_quant", *op_args)(),
+                            OPS["embedding_norm_quant"](*op_args), atol=1e-2)
+                for impl, fn in (("triton", triton_op("embedding_norm_quant", *op_args)),
+                                 ("reference (unfused)", ref_op("embedding_norm_quant", *op_args))):
+                    bench.add("embedding_norm_quant", elementwise_shape, impl, fn, bytes_moved=moved,
                               tokens=tokens)
 
     return {
@@ -368,16 +369,16 @@ def check_targets(records, device_name):
             targets.append({"target": name, "worst": worst, "threshold": threshold, "met": worst >= threshold,
                             "device": device_name})
 
-    add("layer_norm_quant >= 80% of HBM bandwidth at >= 16k tokens",
+    add("norm_quant >= 80% of HBM bandwidth at >= 16k tokens",
         [r.peak_fraction for r in records
-         if r.kernel == "layer_norm_quant" and r.impl == "triton" and r.tokens >= 16384 and r.peak_fraction], 0.8)
-    big = [(k, v) for k, v in ups.items() if k[0] == "int8_linear" and int(k[1].split("[")[1].split("x")[0]) >= 4096]
-    add("int8_linear >= 1.0x torch._int_mm + epilogue at M >= 4096",
+         if r.kernel == "norm_quant" and r.impl == "triton" and r.tokens >= 16384 and r.peak_fraction], 0.8)
+    big = [(k, v) for k, v in ups.items() if k[0] == "quantized_linear" and int(k[1].split("[")[1].split("x")[0]) >= 4096]
+    add("quantized_linear >= 1.0x torch._int_mm + epilogue at M >= 4096",
         [v["torch._int_mm + epilogue"] for _, v in big if "torch._int_mm + epilogue" in v], 1.0)
-    add("int8_linear >= 1.6x fp16 cuBLAS at M >= 4096",
+    add("quantized_linear >= 1.6x fp16 cuBLAS at M >= 4096",
         [v["fp16 cuBLAS (F.linear)"] for _, v in big if "fp16 cuBLAS (F.linear)" in v], 1.6)
-    add("int8_attention >= 1.3x fp16 SDPA at seq 384",
-        [v["fp16 SDPA (masked)"] for k, v in ups.items() if k[0] == "int8_attention" and "S384" in k[1]], 1.3)
+    add("quantized_attention >= 1.3x fp16 SDPA at seq 384",
+        [v["fp16 SDPA (masked)"] for k, v in ups.items() if k[0] == "quantized_attention" and "S384" in k[1]], 1.3)
     return targets
 
 

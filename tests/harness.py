@@ -4,7 +4,7 @@
     compiled = torch.compile(model, backend=rec)
     compiled(**inputs)
     rec.check_before_ops([torch._C._nn.linear])                  # what Dynamo handed over
-    rec.check_after_ops([torch.ops.zqhero.int8_linear.default])  # what the backend produced
+    rec.check_after_ops([torch.ops.zqhero.quantized_linear.default])  # what the backend produced
     assert rec.compiles == 1                                     # one graph, whatever the shapes since
 
 `RecordingBackend()` without an inner backend runs each graph as it is: a plain compile counter.

@@ -8,6 +8,7 @@ import torch
 import zqhero_fx
 from tests.models import BERT_SHAPES, ConvNet, bert_batch, encoder_batch, sqnr_db
 from zqhero_fx.passes._graph import val
+from zqhero_fx.passes.state import state
 
 THRESHOLD_DB = {"M1": 30.0, "M2": 25.0, "M3": 20.0}
 zq = torch.ops.zqhero
@@ -61,7 +62,7 @@ def test_encoder_with_other_module_names(encoder_model, encoder_calibration, fro
     with torch.no_grad():
         assert sqnr_db(encoder_model(*test), q(*test)) >= THRESHOLD_DB[mode]
     histogram = zqhero_fx.ops_histogram(q)
-    assert histogram.get("zqhero.int8_linear.default", 0) >= 6  # q, k, v, FC1 of both blocks at least
+    assert histogram.get("zqhero.quantized_linear.default", 0) >= 6  # q, k, v, FC1 of both blocks at least
 
 
 def test_graph_really_computes_in_int8(bert_traced, bert_calibration):
@@ -69,18 +70,18 @@ def test_graph_really_computes_in_int8(bert_traced, bert_calibration):
     q = zqhero_fx.convert(gm, "M3", calibration=bert_calibration)
     hist = zqhero_fx.ops_histogram(q)
     layers = 2
-    assert hist["zqhero.int8_linear.default"] == 6 * layers  # q, k, v, attention out, FC1, FC2
-    assert hist["zqhero.int8_attention.default"] == layers
+    assert hist["zqhero.quantized_linear.default"] == 6 * layers + 1  # q, k, v, attention out, FC1, FC2; the pooler
+    assert hist["zqhero.quantized_attention.default"] == layers
     # LN^quant: after attention in each layer, after FC2 except in the last layer (its output is the model's output)
-    assert hist["zqhero.layer_norm_quant.default"] == 2 * layers - 1
-    assert hist["zqhero.embedding_layer_norm_quant.default"] == 1  # word + type + position gathers, add, LN, TWQ
+    assert hist["zqhero.norm_quant.default"] == 2 * layers - 1
+    assert hist["zqhero.embedding_norm_quant.default"] == 1  # word + type + position gathers, add, LN, TWQ
     assert "aten.scaled_dot_product_attention.default" not in hist
     for node in q.graph.nodes:
-        if node.target is zq.int8_linear.default:
+        if node.target is zq.quantized_linear.default:
             assert val(node.args[0]).dtype == torch.int8, node.format_node()
             weight = getattr(q, node.args[2].target)
             assert weight.dtype == torch.int8 and weight.dim() == 2
-        if node.target is zq.int8_attention.default:
+        if node.target is zq.quantized_attention.default:
             assert all(val(a).dtype == torch.int8 for a in node.args[:3])
             assert val(node).dtype == torch.int8  # feeds the attention-output GEMM directly
     float_weights = [n for n, t in q.named_buffers() if t.dtype == torch.float32 and t.dim() == 2 and t.numel() > 4096]
@@ -125,10 +126,10 @@ def test_overrides_keep_named_modules_in_float(bert_traced, bert_calibration):
     model, gm = bert_traced("h64_l2")
     q = zqhero_fx.convert(gm, "M3", calibration=bert_calibration,
                           overrides={"encoder.layer.1.*": "fp16", "*.attention.self": "fp32"})
-    int8_paths = [n.meta.get("zq_module_path", "") for n in q.graph.nodes if n.target is zq.int8_linear.default]
+    int8_paths = [state(n).module_path or "" for n in q.graph.nodes if n.target is zq.quantized_linear.default]
     assert int8_paths and not any(p.startswith("encoder.layer.1.") for p in int8_paths)
     assert any(p.startswith("encoder.layer.0.") for p in int8_paths)
-    assert "zqhero.int8_attention.default" not in zqhero_fx.ops_histogram(q)
+    assert "zqhero.quantized_attention.default" not in zqhero_fx.ops_histogram(q)
     fp16_linears = [n for n in q.graph.nodes if n.target is torch.ops.aten.linear.default
                     and val(n) is not None and val(n).dtype == torch.float16]
     assert len(fp16_linears) == 6  # the whole of layer 1
@@ -225,8 +226,8 @@ class TestBadInput:
 
     def test_override_with_bad_precision(self, bert_traced):
         _, gm = bert_traced("h64_l2")
-        with pytest.raises(zqhero_fx.ConfigError, match="fp8"):
-            zqhero_fx.convert(gm, "M1", overrides={"encoder.*": "fp8"})
+        with pytest.raises(zqhero_fx.ConfigError, match="8-bit"):
+            zqhero_fx.convert(gm, "M1", overrides={"encoder.*": "int4"})
 
     def test_not_a_graph_module(self):
         with pytest.raises(zqhero_fx.CaptureError, match="capture the model first"):
@@ -245,4 +246,4 @@ class TestBadInput:
         with pytest.raises(zqhero_fx.CaptureError, match="needs example inputs"):
             zqhero_fx.convert(gm, "M1")
         q = zqhero_fx.convert(gm, "M1", example_inputs=(torch.randn(2, 4, 16),))
-        assert "zqhero.int8_linear.default" in zqhero_fx.ops_histogram(q)
+        assert "zqhero.quantized_linear.default" in zqhero_fx.ops_histogram(q)

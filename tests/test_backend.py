@@ -20,8 +20,8 @@ from zqhero_fx.backend import ZqheroBackend, backend, zqhero_backend
 
 zq = torch.ops.zqhero
 REPO = Path(__file__).resolve().parents[1]
-M3_OPS = [zq.int8_linear.default, zq.layer_norm_quant.default, zq.int8_attention.default,
-          zq.embedding_layer_norm_quant.default]
+M3_OPS = [zq.quantized_linear.default, zq.norm_quant.default, zq.quantized_attention.default,
+          zq.embedding_norm_quant.default]
 
 
 @pytest.fixture(autouse=True)
@@ -131,7 +131,7 @@ def test_classifier_with_recording_backend(calibration):
     rec.check_before_ops([torch._C._nn.linear, torch.nn.functional.layer_norm, torch.matmul,
                           torch.nn.functional.softmax], fully_replaced=True)
     rec.check_after_ops(M3_OPS)
-    assert count_ops(rec.graphs_after, zq.int8_linear.default) == 12  # q, k, v, out, FC1, FC2 per layer
+    assert count_ops(rec.graphs_after, zq.quantized_linear.default) == 12  # q, k, v, out, FC1, FC2 per layer
     # Dynamo passed the weights as inputs; the frozen float graph holds them as constants named by module path
     frozen = be.graphs[0].float_graph
     targets = {n.target for n in frozen.graph.nodes if n.op == "get_attr"}
@@ -151,8 +151,8 @@ def test_m1_converts_when_dynamo_compiles():
         got = compiled(**test).last_hidden_state
         reference = _converted(model, "M1", None)(**test).last_hidden_state
     torch.testing.assert_close(got, reference, rtol=1e-5, atol=1e-5)
-    rec.check_after_ops([zq.int8_linear.default, zq.layer_norm_quant.default])
-    rec.check_absent_ops([zq.int8_attention.default])
+    rec.check_after_ops([zq.quantized_linear.default, zq.norm_quant.default])
+    rec.check_absent_ops([zq.quantized_attention.default])
 
 
 def test_without_calibration_set_first_calls_calibrate():
@@ -199,8 +199,8 @@ def test_graph_breaks_each_graph_calibrated_on_what_it_sees():
             assert sqnr_db(model(*test), compiled(*test)) >= 25
     assert rec.compiles == 3  # before the print, up to the branch, after it; and no more for other shapes
     assert [(g.converted, g.calibrated_on, g.source) for g in be.graphs] == [(True, 3, "calibration set")] * 3
-    rec.check_after_ops([zq.quantized_embedding.default, zq.int8_linear.default, zq.int8_attention.default], graph=0)
-    rec.check_after_ops([zq.int8_linear.default, zq.int8_attention.default], graph=2)
+    rec.check_after_ops([zq.quantized_embedding.default, zq.quantized_linear.default, zq.quantized_attention.default], graph=0)
+    rec.check_after_ops([zq.quantized_linear.default, zq.quantized_attention.default], graph=2)
 
 
 def test_graph_compiled_after_calibration_calibrates_on_its_first_calls():
@@ -216,7 +216,7 @@ def test_graph_compiled_after_calibration_calibrates_on_its_first_calls():
                 torch.testing.assert_close(got, model(*test))  # float while it records
     path_a = [g for g in be.graphs if g.source == "first calls"]
     assert len(path_a) == 1 and path_a[0].calibrated_on == 2
-    assert count_ops([path_a[0].quantized_graph], zq.int8_linear.default) > 0
+    assert count_ops([path_a[0].quantized_graph], zq.quantized_linear.default) > 0
     with torch.no_grad():
         assert 25 <= sqnr_db(model(*test), got) < 200  # quantized now
 
@@ -259,7 +259,7 @@ def test_overrides_match_convert(calibration):
     with torch.no_grad():
         torch.testing.assert_close(compiled(**test).last_hidden_state, reference(**test).last_hidden_state,
                                    rtol=1e-5, atol=1e-5)
-    assert zqhero_fx.ops_histogram(be.graphs[0].quantized_graph)["zqhero.int8_linear.default"] == 6
+    assert zqhero_fx.ops_histogram(be.graphs[0].quantized_graph)["zqhero.quantized_linear.default"] == 6
 
 
 def test_dump_dir_per_graph(tmp_path):
@@ -303,13 +303,25 @@ def test_inductor_keeps_zqhero_ops_as_extern_calls(calibration):
         torch.testing.assert_close(compiled(**test).last_hidden_state, reference(**test).last_hidden_state,
                                    rtol=1e-4, atol=1e-4)
     assert len(be.graphs) == 1 and len(code) == 1
-    assert code[0].count("torch.ops.zqhero.int8_linear.default(") == 12  # extern calls, one per GEMM
-    assert code[0].count("torch.ops.zqhero.int8_attention.default(") == 2
+    assert code[0].count("torch.ops.zqhero.quantized_linear.default(") == 12  # extern calls, one per GEMM
+    assert code[0].count("torch.ops.zqhero.quantized_attention.default(") == 2
     assert "aten.native_layer_norm" not in code[0]  # the float LayerNorm left is one of Inductor's own kernels
     assert "cpp_fused" in code[0]
 
 
 # ---------------------------------------------------------------- registry and entry point
+def test_backend_reads_no_dynamo_internals_itself():
+    """Freezing lives in zqhero_fx.capture (re-exported here), Dynamo internals in zqhero_fx._dynamo_compat."""
+    from zqhero_fx import capture
+
+    module = sys.modules["zqhero_fx.backend"]
+    assert module.freeze is capture.freeze_dynamo_graph and module.module_path_of_source is capture.module_path_of_source
+    source = Path(module.__file__).read_text()
+    for internal in ("_getframe", "_COMPILER_FNS", "callback_handler", "dynamo_ctx", "__closure__", "grapharg",
+                     "example_value", "backed_size_oblivious", "torch._dynamo.maybe_mark_dynamic", "eval_frame"):
+        assert internal not in source, internal
+
+
 def test_registered_under_its_name():
     from torch._dynamo.backends.registry import lookup_backend
 

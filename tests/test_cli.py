@@ -107,13 +107,14 @@ def test_no_command_prints_help(capsys):
 
 def test_unknown_mode_is_a_clear_error(capsys):
     err = _parse_error(["eval", "--modes", "M1,M4"], capsys)
-    assert "unknown mode 'M4'" in err and "M1, M2, M3" in err
+    assert "unknown mode 'M4'" in err and "M1" in err and "M3-fp8" in err
 
 
 @pytest.mark.parametrize("override, message", [
     ("encoder.layer.5.*", "write GLOB=PRECISION"),
     ("=fp16", "write GLOB=PRECISION"),
-    ("encoder.*=int4", "'int4' is not one of"),
+    ("encoder.*=int4", "int4 is not an 8-bit format"),
+    ("encoder.*=int7", "'int7' is not one of"),
 ])
 def test_bad_override_syntax(capsys, override, message):
     err = _parse_error(["eval", "--override", override], capsys)

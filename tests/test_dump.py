@@ -15,13 +15,13 @@ def test_dump_writes_code_svg_facts_and_sqnr_report(bert_traced, bert_calibratio
             assert stem + suffix in names
     assert (tmp_path / "00_input.svg").read_text().lstrip().startswith(("<?xml", "<svg"))
     lowered = (tmp_path / "06_lower.py").read_text()
-    assert "torch.ops.zqhero.int8_linear" in lowered and "int8" in lowered
+    assert "torch.ops.zqhero.quantized_linear" in lowered and "int8" in lowered
     facts = json.loads((tmp_path / "08_clean_up.json").read_text())
-    gemms = [f for f in facts if f["target"] == "zq.int8_linear"]
+    gemms = [f for f in facts if f["target"] == "zq.quantized_linear"]
     assert gemms and all(f["precision"] == "int8" and f["bound"] and f["flops"] > 0 for f in gemms)
     rows = json.loads((tmp_path / "sqnr_report.json").read_text())
     ops = {r["op"] for r in rows}
-    assert {"zq.int8_linear", "zq.int8_attention", "zq.layer_norm_quant", "zq.embedding_layer_norm_quant",
+    assert {"zq.quantized_linear", "zq.quantized_attention", "zq.norm_quant", "zq.embedding_norm_quant",
             "output"} <= ops
     assert all(r["sqnr_db"] > 15 for r in rows)
     assert "| node | op |" in (tmp_path / "sqnr_report.md").read_text()

@@ -31,7 +31,7 @@ def test_relayout_gemm_weights_is_a_copy_with_n_major_weights(bert_traced, bert_
     before = {name: (t.stride(), t.clone()) for name, t in q.named_buffers()}
     relaid = relayout_gemm_weights(q)
 
-    weights = {n.args[2].target for n in q.graph.nodes if n.target is torch.ops.zqhero.int8_linear.default}
+    weights = {n.args[2].target for n in q.graph.nodes if n.target is torch.ops.zqhero.quantized_linear.default}
     assert weights
     for name in weights:
         new, old = relaid.get_buffer(name), q.get_buffer(name)

@@ -10,7 +10,7 @@ import torch
 import torch.fx as fx
 
 from zqhero_fx.capture import flatten_inputs
-from zqhero_fx.errors import CalibrationError, CaptureError, ZqheroError
+from zqhero_fx.errors import CalibrationError, CaptureError, CoverageError, ZqheroError
 from zqhero_fx.modes import QuantConfig, resolve_mode, resolve_overrides
 from zqhero_fx.pipeline import build_pipeline, run_pipeline
 
@@ -35,26 +35,51 @@ def _calibration_batches(gm: fx.GraphModule, calibration, config: QuantConfig) -
     return batches
 
 
+class CoverageWarning(UserWarning):
+    """A quantizing mode left GEMMs in floating point (the warning says how many and why)."""
+
+
+def report_coverage(gm: fx.GraphModule, config: QuantConfig, strict: bool) -> None:
+    """Warn (or raise, with `strict`) when a quantizing mode leaves GEMMs float or finds nothing to quantize."""
+    coverage = gm.meta.get("zqhero", {}).get("coverage")
+    if coverage is None or not config.quantizes:
+        return
+    float_gemms = coverage.float_gemms(unexpected_only=True)
+    if not coverage.sites:
+        message = coverage.summary()
+    elif float_gemms:
+        message = (f"{coverage.summary()}. The report lists every site: "
+                   "zqhero_fx.coverage_of(q).table()")
+    else:
+        return
+    if strict:
+        raise CoverageError(message)
+    warnings.warn(message, CoverageWarning, stacklevel=3)
+
+
 def convert(traced_module: fx.GraphModule, mode, *, calibration=None, overrides=None, dump_dir=None,
-            example_inputs=None) -> fx.GraphModule:
+            example_inputs=None, strict: bool = False) -> fx.GraphModule:
     """Quantize a captured model with ZeroQuant-HERO and return a new GraphModule.
 
     Args:
         traced_module: from `zqhero_fx.trace(model, inputs)` or `torch.fx.symbolic_trace(model)`; not modified.
-        mode: "fp", "M1", "M2", "M3" (see docs/modes.md) or a `QuantConfig`.
+        mode: "fp", "M1", "M2", "M3", "M1-fp8" ... (see docs/modes.md) or a `QuantConfig`.
         calibration: iterable of batches shaped like the example inputs; required by M2 and M3.
-        overrides: {module-path glob: "fp32" | "fp16" | "bf16" | "int8"}; the named modules stay floating point.
+        overrides: {module-path glob: "fp32" | "fp16" | "bf16" | a format name}; float names keep the modules float.
         dump_dir: write per-pass graph code, SVG pictures and an SQNR report there (also $ZQHERO_DUMP_DIR).
         example_inputs: shapes for a symbolic_trace graph when no calibration is given.
+        strict: raise CoverageError instead of warning when a quantizing mode leaves GEMMs float.
 
     Returns:
-        A GraphModule whose INT8 parts are `torch.ops.zqhero.*` ops; it accepts other batch sizes and sequence lengths.
+        A GraphModule whose quantized parts are `torch.ops.zqhero.*` ops; it accepts other batch sizes and sequence
+        lengths. `zqhero_fx.coverage_of(q)` is its coverage report (every GEMM / attention / embedding site, its
+        format and scheme, and why it stays float when it does).
 
     Example:
         >>> gm = zqhero_fx.trace(model, {"input_ids": ids, "attention_mask": mask})
         >>> q = zqhero_fx.convert(gm, "M3", calibration=[{"input_ids": i, "attention_mask": m} for i, m in batches])
         >>> q(input_ids=ids, attention_mask=mask).last_hidden_state
-        # q.code now reads, per layer:  layer_norm_quant -> int8_linear (QKV, INT8 out) -> int8_attention -> ...
+        # q.code now reads, per layer:  norm_quant -> quantized_linear (QKV, INT8 out) -> quantized_attention -> ...
     """
     config = resolve_mode(mode)
     overrides = resolve_overrides(overrides)
@@ -79,12 +104,23 @@ def convert(traced_module: fx.GraphModule, mode, *, calibration=None, overrides=
         dumper = Dumper(dump_dir)
     with torch.no_grad():
         gm = run_pipeline(gm, build_pipeline(config, batches, overrides), dumper=dumper)
-        if dumper is not None and batches:
-            dumper.write_error_report(traced_module, gm, batches[0])
+        if dumper is not None:
+            dumper.write_coverage(gm)
+            if batches:
+                dumper.write_error_report(traced_module, gm, batches[0])
     state = gm.meta["zqhero"]
     for transient in ("samples", "graph_view", "flat_example"):
         state.pop(transient, None)
+    report_coverage(gm, config, strict)
     return gm
+
+
+def coverage_of(gm: fx.GraphModule):
+    """The coverage report `convert` wrote for a converted model (zqhero_fx.coverage.Coverage)."""
+    coverage = gm.meta.get("zqhero", {}).get("coverage")
+    if coverage is None:
+        raise ZqheroError("this module carries no coverage report: it was not made by zqhero_fx.convert")
+    return coverage
 
 
 def ops_histogram(gm: fx.GraphModule) -> dict[str, int]:
@@ -97,4 +133,4 @@ def ops_histogram(gm: fx.GraphModule) -> dict[str, int]:
     return counts
 
 
-__all__ = ["convert", "ops_histogram", "ZqheroError"]
+__all__ = ["convert", "coverage_of", "ops_histogram", "CoverageWarning", "ZqheroError"]

@@ -8,42 +8,37 @@
     be.calibrate(compiled)  # optional: calibrate now instead of on the first call
 
 Per graph Dynamo hands over, the backend
-  1. freezes it: parameter and buffer placeholders become get_attr constants named by their module path
-     (`encoder.layer.0.attention.self.query.weight`), so scales fold into weights as they do after `trace`;
+  1. freezes it (`capture.freeze_dynamo_graph`): parameter and buffer placeholders become get_attr constants named by
+     their module path (`encoder.layer.0.attention.self.query.weight`), so scales fold into weights as after `trace`;
   2. returns a `CapturedGraph` that runs the float graph and records its inputs while it calibrates (on the
      calibration set, or on its own first `calibration_calls` real calls), then runs `convert` on what it recorded
      and swaps in the quantized graph, handed to Inductor (`inductor=True`) or run as is.
 Modes without static scales (fp, M1) convert when Dynamo compiles. docs/backend.md has the whole story.
 
-Caution: the calibration set is fed through the compiled model from inside its first call (a re-entrant call), and
-batch/sequence dims of the model's inputs are marked dynamic when Dynamo starts compiling. Both need the compiled
-model's entry on the Python stack; `_compile_entry` finds it in torch 2.13's `eval_frame.compile_wrapper` frame.
+Feeding the calibration set from inside the first call, and marking the batch/sequence dims dynamic when Dynamo starts
+compiling, need the compiled model's entry on the Python stack; that and every other read of Dynamo internals is in
+zqhero_fx/_dynamo_compat.py, checked against the torch versions it names.
 """
 
 from __future__ import annotations
 
-import contextlib
 import fnmatch
-import logging
 import os
-import re
-import sys
+import warnings
 import weakref
-from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 import torch.fx as fx
-import torch.fx.experimental._config
 import torch.utils._pytree as pytree
 
+from zqhero_fx import _dynamo_compat as dynamo
 from zqhero_fx import api
-from zqhero_fx.capture import split_inputs
+from zqhero_fx.capture import (constants_allowed, dynamic_output_dims, freeze, freeze_dynamo_graph, input_builder,
+                               input_sources, module_path_of_source, module_paths, output_kinds, split_inputs,
+                               tensor_names)
 from zqhero_fx.errors import CalibrationError, CaptureError, ConfigError
 from zqhero_fx.modes import QuantConfig, resolve_mode, resolve_overrides
-from zqhero_fx.passes._graph import module_path, weight_module_path
-
-log = logging.getLogger(__name__)
 
 BACKEND_NAME = "zqhero"
 DEFAULT_MODE = "M1"
@@ -52,178 +47,8 @@ OPTIONS = ("mode", "calibration", "calibration_calls", "overrides", "inductor", 
 DYNAMIC_DIMS = 2  # batch and sequence: the leading dims of every tensor input, as zqhero_fx.trace exports them
 
 
-# ---------------------------------------------------------------- Dynamo graph -> canonical-input float graph
-def _source_name(node: fx.Node) -> str:
-    grapharg = node.meta.get("grapharg")
-    return grapharg.source.name if grapharg is not None and grapharg.source is not None else ""
-
-
-def _is_module_tensor(source: str, example) -> bool:
-    return isinstance(example, torch.nn.Parameter) or "._parameters[" in source or "._buffers[" in source
-
-
-def _is_module_scalar(node: fx.Node, source: str) -> bool:
-    """A float attribute of a module (LayerNorm.eps, a dropout p) that `dynamic=True` passes as a 0-dim tensor."""
-    grapharg = node.meta.get("grapharg")
-    return bool(getattr(grapharg, "pass_arg_as_tensor", False)) and (
-        source.startswith("L['self'].") or "._modules[" in source)
-
-
-def module_path_of_source(source: str) -> str:
-    """A Dynamo source as a module path: `L['self']._modules['layer']._modules['0']._parameters['weight']` ->
-    `layer.0.weight`; other roots keep their name: `G['model']._modules['fc']._parameters['bias']` -> `model.fc.bias`."""
-    path = re.sub(r"^L\['self'\]", "", source)
-    path = re.sub(r"^[LG]\['([^']+)'\]", r"\1", path)
-    path = re.sub(r"\._(?:modules|parameters|buffers)\['([^']+)'\]", r".\1", path)
-    path = re.sub(r"\[['\"]?([^'\"\]]+)['\"]?\]", r".\1", path)
-    return re.sub(r"[^0-9A-Za-z_.]", "_", path).strip(".")
-
-
-def _register_constant(root: torch.nn.Module, path: str, tensor: torch.Tensor) -> str:
-    """Store `tensor` as a buffer of `root` at `path`, creating the submodules on the way; a fresh flat name when the
-    path is taken or not a valid attribute chain."""
-    try:
-        owner, _, leaf = path.rpartition(".")
-        module = root
-        for part in owner.split(".") if owner else []:
-            if part not in module._modules:
-                if hasattr(module, part):
-                    raise KeyError(part)
-                module.add_module(part, torch.nn.Module())
-            module = module._modules[part]
-        if not leaf or hasattr(module, leaf):
-            raise KeyError(leaf)
-        module.register_buffer(leaf, tensor, persistent=True)
-        return path
-    except (KeyError, ValueError, TypeError):
-        base, i = "_zq_const_" + re.sub(r"\W", "_", path), 0
-        while hasattr(root, f"{base}_{i}"):
-            i += 1
-        root.register_buffer(f"{base}_{i}", tensor, persistent=True)
-        return f"{base}_{i}"
-
-
-def freeze(gm: fx.GraphModule, example_inputs, names: dict[int, str] | None = None) -> tuple[fx.GraphModule, list[int]]:
-    """A copy of a Dynamo graph whose parameters and buffers are get_attr constants, and the positions of the inputs
-    that stay inputs.
-
-    Dynamo (with inlined nn modules) passes every parameter as a placeholder. Here each one becomes a buffer named
-    by its module path: `names` maps id(tensor) to the path in the compiled model, else the path comes from the
-    placeholder's Dynamo source. Remaining placeholders get Dynamo's fake values (symbolic batch and sequence sizes)
-    as node.meta["val"], which propagate_meta then keeps. The returned module takes `[args[i] for i in keep]`.
-    """
-    names = names or {}
-    graph = fx.Graph()
-    env: dict[fx.Node, fx.Node] = {}
-    graph.output(graph.graph_copy(gm.graph, env))
-    root = torch.nn.Module()
-    keep: list[int] = []
-    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    if len(placeholders) != len(example_inputs):
-        raise CaptureError(f"Dynamo graph has {len(placeholders)} inputs but {len(example_inputs)} example inputs")
-    first_use = next((n for n in graph.nodes if n.op != "placeholder"), None)
-    for index, (node, example) in enumerate(zip(placeholders, example_inputs)):
-        source = _source_name(node)
-        if isinstance(example, torch.Tensor) and _is_module_tensor(source, example):
-            path = names.get(id(example)) or module_path_of_source(source) or node.name
-            target = _register_constant(root, path, example.detach())
-            with graph.inserting_before(first_use):
-                constant = graph.get_attr(target)
-            constant.meta.update({k: v for k, v in node.meta.items() if k in ("stack_trace", "nn_module_stack")})
-            node.replace_all_uses_with(constant)
-            graph.erase_node(node)
-        elif isinstance(example, torch.Tensor) and example.dim() == 0 and _is_module_scalar(node, source):
-            value = example.item()
-            for user in list(node.users):
-                if user.op == "call_method" and user.target == "item":
-                    for consumer in list(user.users):
-                        consumer.args = fx.node.map_arg(consumer.args, lambda n: value if n is user else n)
-                        consumer.kwargs = fx.node.map_arg(consumer.kwargs, lambda n: value if n is user else n)
-                    graph.erase_node(user)
-            if node.users:
-                target = _register_constant(root, module_path_of_source(source) or node.name, example.detach())
-                with graph.inserting_before(first_use):
-                    constant = graph.get_attr(target)
-                node.replace_all_uses_with(constant)
-            graph.erase_node(node)
-        else:
-            keep.append(index)
-            if "example_value" in node.meta:
-                node.meta["val"] = node.meta["example_value"]
-    graph.lint()
-    return fx.GraphModule(root, graph, class_name="DynamoGraph"), keep
-
-
-def _fake_mode(gm: fx.GraphModule):
-    for node in gm.graph.nodes:
-        v = node.meta.get("val")
-        if node.op == "placeholder" and isinstance(v, torch.Tensor) and hasattr(v, "fake_mode"):
-            return v.fake_mode
-    return None
-
-
-@contextlib.contextmanager
-def _constants_allowed(gm: fx.GraphModule):
-    """Dynamo's fake mode refuses real tensors; the frozen weights are real get_attr constants, as after `trace`."""
-    mode = _fake_mode(gm)
-    if mode is None:
-        yield
-        return
-    before = mode.allow_non_fake_inputs
-    mode.allow_non_fake_inputs = True
-    try:
-        yield
-    finally:
-        mode.allow_non_fake_inputs = before
-
-
-def _output_examples(gm: fx.GraphModule) -> list:
-    """Dynamo's example value of each graph output (fake tensors, SymInts, constants)."""
-    output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
-    values = output.args[0] if isinstance(output.args[0], (tuple, list)) else (output.args[0],)
-    return [v.meta.get("example_value", v.meta.get("val")) if isinstance(v, fx.Node) else v for v in values]
-
-
-def _dynamic_output_dims(gm: fx.GraphModule) -> list[tuple[int, list[int]]]:
-    """(output index, its symbolic dims) for every tensor output: the dims to keep dynamic across a graph break."""
-    dims = []
-    for i, example in enumerate(_output_examples(gm)):
-        if isinstance(example, torch.Tensor):
-            symbolic = [d for d, size in enumerate(example.shape) if isinstance(size, torch.SymInt)]
-            if symbolic:
-                dims.append((i, symbolic))
-    return dims
-
-
-def _output_kinds(gm: fx.GraphModule) -> list:
-    """Per output: ("tensor", rank, dtype) or the Python type of a non-tensor, for comparing recompiles' outputs."""
-    return [("tensor", e.dim(), e.dtype) if isinstance(e, torch.Tensor) else type(e).__name__
-            for e in _output_examples(gm)]
-
-
-_SIZE_SOURCE = re.compile(r"(.*)\.size\(\)\[(\d+)\]")
-
-
-def _input_builder(mine: list[str], theirs: list[str]) -> Callable[[list], list] | None:
-    """Build another graph's inputs from this graph's, matched by Dynamo source; a size input may be read off the
-    tensor it belongs to. None unless every input of this graph is also one of the other graph's (else the other
-    graph baked in something this one takes as an input)."""
-    position = {source: i for i, source in enumerate(mine)}
-    if not mine or "" in position or not set(position) <= set(theirs):
-        return None
-    getters = []
-    for source in theirs:
-        size = _SIZE_SOURCE.fullmatch(source)
-        if source in position:
-            getters.append((position[source], None))
-        elif size and size.group(1) in position:
-            getters.append((position[size.group(1)], int(size.group(2))))
-        else:
-            return None
-    return lambda xs: [xs[i] if dim is None else xs[i].size(dim) for i, dim in getters]
-
-
 def _same_values(a, b) -> bool:
+    """Whether two graph results agree: same structure, non-tensors equal, tensors close (a sibling's float graph)."""
     a, b = pytree.tree_leaves(a), pytree.tree_leaves(b)
     if len(a) != len(b):
         return False
@@ -239,13 +64,6 @@ def _same_values(a, b) -> bool:
     return True
 
 
-def _mark_dynamic(tree) -> None:
-    """maybe_mark_dynamic the batch and sequence dims of every tensor in `tree`."""
-    for leaf in pytree.tree_leaves(tree):
-        if isinstance(leaf, torch.Tensor) and leaf.dim() >= 1:
-            torch._dynamo.maybe_mark_dynamic(leaf, list(range(min(leaf.dim(), DYNAMIC_DIMS))))
-
-
 def _snapshot(values: list) -> list:
     return [v.detach().clone() if isinstance(v, torch.Tensor) else v for v in values]
 
@@ -257,7 +75,7 @@ class CapturedGraph:
     Attributes:
         index: order in which Dynamo handed the graphs to this backend.
         dynamo_graph: the GraphModule as Dynamo handed it (parameters as placeholders).
-        float_graph: the frozen float graph (`freeze`) that `convert` receives.
+        float_graph: the frozen float graph (`capture.freeze_dynamo_graph`) that `convert` receives.
         quantized_graph: the GraphModule `convert` returned, None until converted.
         calibrated_on: how many recorded batches the conversion used (0 for fp / M1).
         source: "calibration set" or "first calls": what the recorded batches were; for a graph that runs the
@@ -268,17 +86,16 @@ class CapturedGraph:
     def __init__(self, backend: "ZqheroBackend", index: int, gm: fx.GraphModule, example_inputs, names):
         self.backend, self.index = backend, index
         self.dynamo_graph = gm
-        self.compile_id = str(gm.meta.get("dynamo_compile_id", index))
-        self.float_graph, self.keep = freeze(gm, example_inputs, names)
-        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-        self.input_sources = [_source_name(placeholders[i]) for i in self.keep]
+        self.compile_id = dynamo.compile_id(gm, index)
+        self.float_graph, self.keep = freeze_dynamo_graph(gm, example_inputs, names)
+        self.input_sources = input_sources(gm, self.keep)
         self.quantized_graph: fx.GraphModule | None = None
         self.calibrated_on, self.source, self.delegate = 0, None, None
         self.recorded: list[list] = []
         self._run: Callable | None = None
         self._tried_delegation = False
-        self._output_dims = _dynamic_output_dims(gm)
-        self._output_kinds = _output_kinds(gm)
+        self._output_dims = dynamic_output_dims(gm)
+        self._output_kinds = output_kinds(gm)
 
     @property
     def frame(self) -> str:
@@ -295,7 +112,7 @@ class CapturedGraph:
         if self.backend.dynamic:  # a graph break's resume frame then traces these dims as dynamic too
             for i, dims in self._output_dims:
                 if i < len(out) and isinstance(out[i], torch.Tensor):
-                    torch._dynamo.maybe_mark_dynamic(out[i], dims)
+                    dynamo.maybe_mark_dynamic(out[i], dims)
         return out
 
     def run_float(self, inputs: list):
@@ -314,7 +131,7 @@ class CapturedGraph:
         for sibling in reversed(self.backend.graphs):
             if sibling is self or sibling.frame != self.frame or sibling.delegate is not None or not sibling.converted:
                 continue
-            build = _input_builder(self.input_sources, sibling.input_sources)
+            build = input_builder(self.input_sources, sibling.input_sources)
             if build is None or sibling._output_kinds != self._output_kinds:
                 continue
             with torch.no_grad():
@@ -330,7 +147,7 @@ class CapturedGraph:
     def convert(self, batches: list, source: str | None) -> None:
         backend = self.backend
         dump_dir = backend.dump_dir or os.environ.get("ZQHERO_DUMP_DIR") or None
-        with _constants_allowed(self.float_graph), torch.no_grad():
+        with constants_allowed(self.float_graph), torch.no_grad():
             quantized = api.convert(self.float_graph, backend.config, calibration=batches or None,
                                     overrides=backend._overrides_for(self),
                                     dump_dir=os.path.join(dump_dir, f"graph_{self.index}") if dump_dir else None)
@@ -348,12 +165,6 @@ class CapturedGraph:
 
 
 # ---------------------------------------------------------------- the backend
-@dataclass
-class _Entry:
-    call: Callable  # the compiled model: a fresh Dynamo wrapper of the same function with the same callback
-    module: torch.nn.Module | None  # the model itself, when an nn.Module was compiled
-
-
 class ZqheroBackend:
     """A torch.compile backend that quantizes every captured graph with ZeroQuant-HERO.
 
@@ -372,11 +183,12 @@ class ZqheroBackend:
         >>> be = zqhero_fx.backend(mode="M3", calibration=[{"input_ids": i, "attention_mask": m} for i, m in batches])
         >>> compiled = torch.compile(model, backend=be)
         >>> compiled(input_ids=ids, attention_mask=mask).last_hidden_state
-        >>> be.graphs[0].quantized_graph.code  # layer_norm_quant -> int8_linear -> int8_attention -> ...
+        >>> be.graphs[0].quantized_graph.code  # norm_quant -> quantized_linear -> quantized_attention -> ...
     """
 
     def __init__(self, mode=DEFAULT_MODE, *, calibration=None, calibration_calls: int = DEFAULT_CALIBRATION_CALLS,
                  overrides=None, inductor: bool = True, dump_dir=None, dynamic: bool = True):
+        dynamo.check_torch_version()
         self.config: QuantConfig = resolve_mode(mode)
         self.overrides = resolve_overrides(overrides)
         if calibration is not None:
@@ -406,7 +218,11 @@ class ZqheroBackend:
     # -- Dynamo's side
     def __call__(self, gm: fx.GraphModule, example_inputs) -> CapturedGraph:
         _install_compile_hooks()
-        entry = _compile_entry(self)
+        try:
+            entry = _compile_entry(self)
+        except CalibrationError as error:  # the weights are then named from Dynamo's sources
+            warnings.warn(str(error), RuntimeWarning)
+            entry = None
         if entry is not None and entry.module is not None:
             self._learn_names(entry.module)
         graph = CapturedGraph(self, len(self.graphs), gm, list(example_inputs), self._names)
@@ -469,7 +285,7 @@ class ZqheroBackend:
             for i, batch in enumerate(self.calibration):
                 args, kwargs = _split_batch(batch, i)
                 if self.dynamic:
-                    _mark_dynamic((args, kwargs))
+                    dynamo.mark_dynamic((args, kwargs), DYNAMIC_DIMS)
                 model(*args, **kwargs)
         except BaseException:
             self._state = "pending"
@@ -483,23 +299,20 @@ class ZqheroBackend:
             graph.convert(graph.recorded, "calibration set")
 
     def _calibrate_from_call_stack(self) -> None:
+        self._state = "ready"  # should the model not be found, graphs calibrate on their own first calls after this
         entry = _compile_entry(self)
         if entry is None:
-            self._state = "ready"
             raise CalibrationError("could not find the compiled model on the call stack to feed the calibration set "
                                    "through; call backend.calibrate(compiled_model) before the first call")
         if entry.module is not None:
             self._learn_names(entry.module)
-        self.calibrate(entry.call)
+        self.calibrate(entry.recall())
 
     # -- helpers
     def _learn_names(self, module: torch.nn.Module) -> None:
-        if module in self._named_modules:
-            return
-        self._named_modules.add(module)
-        for name, tensor in list(module.named_parameters(remove_duplicate=False)) + list(
-                module.named_buffers(remove_duplicate=False)):
-            self._names.setdefault(id(tensor), name)
+        if module not in self._named_modules:
+            self._named_modules.add(module)
+            self._names = {**tensor_names(module), **self._names}
 
     def _overrides_for(self, graph: CapturedGraph) -> dict[str, str]:
         """The override globs that name a module of this graph: after a graph break, one glob may only match modules
@@ -507,11 +320,8 @@ class ZqheroBackend:
         if not self.overrides:
             return {}
 
-        def paths(g: CapturedGraph) -> set[str]:  # as insert_qdq sees them: weight owners, then nn_module_stack
-            return {weight_module_path(n.target) if n.op == "get_attr" else module_path(n)
-                    for n in g.float_graph.graph.nodes}
-
-        mine, everywhere = paths(graph), set().union(*(paths(g) for g in self.graphs))
+        mine, everywhere = module_paths(graph.float_graph), set().union(*(module_paths(g.float_graph)
+                                                                          for g in self.graphs))
         for pattern in self.overrides:
             if not any(fnmatch.fnmatchcase(p, pattern) for p in everywhere):
                 examples = ", ".join(sorted(p for p in everywhere if p)[:4])
@@ -533,12 +343,7 @@ class ZqheroBackend:
     @staticmethod
     def of(compiled) -> "ZqheroBackend | None":
         """The ZqheroBackend behind a torch.compile'd model or function (None if it was compiled otherwise)."""
-        ctx = getattr(compiled, "dynamo_ctx", None)  # torch.compile(module) -> OptimizedModule
-        if ctx is not None:
-            return _backend_of(getattr(ctx, "callback", None))
-        cells = dict(zip(getattr(getattr(compiled, "__code__", None), "co_freevars", ()),
-                         getattr(compiled, "__closure__", None) or ()))  # torch.compile(function)
-        return _backend_of(cells["callback"].cell_contents) if "callback" in cells else None
+        return _backend_of(dynamo.callback_of(compiled))
 
     def __repr__(self) -> str:
         return (f"ZqheroBackend(mode={self.config.name}, calibration={len(self.calibration or [])} batches, "
@@ -549,81 +354,40 @@ def _split_batch(batch, index: int) -> tuple[tuple, dict]:
     return split_inputs(batch, f"calibration batch {index}", CalibrationError)
 
 
-# ---------------------------------------------------------------- finding the compiled model from inside a call
-def _unwrap(fn):
-    """Follow wrappers down to a ZqheroBackend (Dynamo's callback chain, torch.compile's wrapper, `.inner` of test
-    backends); None when the chain ends elsewhere."""
-    seen = 0
-    while fn is not None and seen < 16:
-        seen += 1
-        if isinstance(fn, ZqheroBackend):
-            return fn
-        if getattr(fn, "compiler_fn", None) is zqhero_backend:  # torch.compile(backend="zqhero", options=...)
-            kwargs = getattr(fn, "kwargs", {})
-            return _backend_for_options(kwargs.get("options"), kwargs.get("mode"))
-        fn = (getattr(fn, "_torchdynamo_orig_backend", None) or getattr(fn, "compiler_fn", None)
-              or getattr(fn, "inner", None))
-    return None
-
-
+# ---------------------------------------------------------------- finding the backend and the compiled model
 def _backend_of(callback) -> ZqheroBackend | None:
+    """The ZqheroBackend at the end of a Dynamo callback's chain of wrappers; None when the chain ends elsewhere."""
     try:
-        return _unwrap(callback)
+        for link in dynamo.callback_chain(callback):
+            if isinstance(link, ZqheroBackend):
+                return link
+            compiler_fn, kwargs = dynamo.wrapped_compiler(link)
+            if compiler_fn is zqhero_backend:  # torch.compile(backend="zqhero", options=...)
+                return _backend_for_options(kwargs.get("options"), kwargs.get("mode"))
     except Exception:  # a foreign callback chain: not ours
         return None
-
-
-def _compile_wrapper_frames():
-    from torch._dynamo import eval_frame
-
-    frame = sys._getframe(1)
-    while frame is not None:
-        if frame.f_code.co_name == "compile_wrapper" and frame.f_code.co_filename == eval_frame.__file__:
-            yield frame
-        frame = frame.f_back
-
-
-def _compile_entry(backend: ZqheroBackend | None = None) -> _Entry | None:
-    """The innermost torch.compile'd call on the stack whose backend is `backend` (any ZqheroBackend if None)."""
-    for frame in _compile_wrapper_frames():
-        local = frame.f_locals
-        owner = _backend_of(local.get("callback"))
-        if owner is None or (backend is not None and owner is not backend):
-            continue
-        ctx, fn = local.get("self"), local.get("fn")
-        if ctx is None or fn is None:
-            continue
-        module = getattr(fn, "__self__", None)
-        return _Entry(call=ctx(fn), module=module if isinstance(module, torch.nn.Module) else None)
     return None
 
 
-_SIZE_OBLIVIOUS: list = []  # the config patch held open from a zqhero compile's start callback to its end callback
+def _compile_entry(backend: ZqheroBackend | None = None) -> dynamo.CompiledCall | None:
+    """The innermost torch.compile'd call on the stack whose backend is `backend` (any ZqheroBackend if None)."""
+    for call in dynamo.compiled_calls():
+        owner = _backend_of(call.callback)
+        if owner is not None and (backend is None or owner is backend) and call.ctx is not None and call.fn is not None:
+            return call
+    return None
 
 
-def _on_compile_start(_args=None) -> None:
-    """Before Dynamo traces a frame for a zqhero backend: mark the compiled call's batch and sequence dims dynamic,
-    so the first graph already accepts other sizes (and the calibration set runs through that same graph), and trace
-    sizes size-obliviously, so a batch of one reuses that graph instead of compiling one specialised to 1."""
-    try:
-        for frame in _compile_wrapper_frames():
-            backend = _backend_of(frame.f_locals.get("callback"))
-            if backend is None:
-                return
-            ctx = frame.f_locals.get("self")
-            if backend.dynamic and getattr(ctx, "_dynamic", None) is not False:
-                _mark_dynamic((frame.f_locals.get("args"), frame.f_locals.get("kwargs")))
-                patch = torch.fx.experimental._config.patch(backed_size_oblivious=True)
-                patch.__enter__()
-                _SIZE_OBLIVIOUS.append(patch)
-            return
-    except Exception:  # never break a compile from here
-        log.debug("zqhero: could not mark the compiled call's inputs dynamic", exc_info=True)
+def _wants_dynamic(call: dynamo.CompiledCall) -> bool:
+    """At a compile's start: mark the compiled call's batch and sequence dims dynamic, so the first graph already
+    accepts other sizes (and the calibration set runs through that same graph), and trace sizes size-obliviously, so
+    a batch of one reuses that graph instead of compiling one specialised to 1."""
+    backend = _backend_of(call.callback)
+    return backend is not None and backend.dynamic and call.dynamic is not False
 
 
-def _on_compile_end(_args=None) -> None:
-    while _SIZE_OBLIVIOUS:
-        _SIZE_OBLIVIOUS.pop().__exit__(None, None, None)
+def _install_compile_hooks() -> None:
+    dynamo.install_compile_hooks(_wants_dynamic, DYNAMIC_DIMS)
 
 
 # ---------------------------------------------------------------- torch.compile(backend="zqhero", options=...)
@@ -666,25 +430,15 @@ def backend(mode=DEFAULT_MODE, **options) -> ZqheroBackend:
     return ZqheroBackend(mode, **options)
 
 
-def _install_compile_hooks() -> None:
-    """(Re)install the compile start/end callbacks; torch._dynamo.reset() clears them, so every backend entry point
-    calls this."""
-    handler = torch._dynamo.callback_handler
-    if _on_compile_start not in handler.start_callbacks:
-        handler.register_start_callback(_on_compile_start)
-    if _on_compile_end not in handler.end_callbacks:
-        handler.register_end_callback(_on_compile_end)
-
-
 def _register() -> None:
-    from torch._dynamo.backends import registry
-
-    if BACKEND_NAME not in registry._COMPILER_FNS and registry._BACKENDS.get(BACKEND_NAME) is None:
-        # Skipped while torch loads us through the torch_dynamo_backends entry point: it registers the name itself.
-        registry.register_backend(zqhero_backend, name=BACKEND_NAME)
-    _install_compile_hooks()
+    try:
+        dynamo.register_backend(zqhero_backend, BACKEND_NAME)
+        _install_compile_hooks()
+    except CaptureError as error:  # `import zqhero_fx` keeps working for trace/convert; using the backend raises it
+        warnings.warn(str(error), RuntimeWarning)
 
 
 _register()
 
-__all__ = ["ZqheroBackend", "CapturedGraph", "backend", "zqhero_backend", "freeze", "module_path_of_source"]
+__all__ = ["ZqheroBackend", "CapturedGraph", "backend", "zqhero_backend", "freeze", "freeze_dynamo_graph",
+           "module_path_of_source"]

@@ -1,9 +1,17 @@
-"""Capturing a model as a GraphModule (torch.export underneath) and turning user inputs into the graph's flat inputs."""
+"""The frozen float graph `convert` receives, from torch.export (`trace`) or from a graph Dynamo hands the backend
+(`freeze_dynamo_graph`), and turning user inputs into a graph's flat inputs.
+
+Both give a GraphModule whose weights are get_attr constants named by module path
+(`encoder.layer.0.attention.self.query.weight`) and whose inputs carry fake values with symbolic batch and sequence
+sizes, so scales fold into weights and `overrides` globs match the same way whichever way the model was captured.
+Dynamo's graph meta is read through zqhero_fx._dynamo_compat.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import inspect
+import re
 
 import torch
 import torch.fx as fx
@@ -11,6 +19,7 @@ import torch.utils._pytree as pytree
 from torch.fx._pytree import tree_flatten_spec
 from torch.fx.graph import _PyTreeCodeGen
 
+from zqhero_fx import _dynamo_compat as dynamo
 from zqhero_fx.errors import CaptureError
 
 
@@ -123,3 +132,194 @@ def flatten_inputs(gm: fx.GraphModule, inputs, what: str = "input") -> list:
                 raise CaptureError(f"{what}: '{node.target}' is on {value.device}, the model was captured on "
                                    f"{expected.device}")
     return flat
+
+
+# ---------------------------------------------------------------- a Dynamo graph -> the frozen float graph
+_MISSING = object()
+
+
+def module_path_of_source(source: str) -> str:
+    """A Dynamo source as a module path: `L['self']._modules['layer']._modules['0']._parameters['weight']` ->
+    `layer.0.weight`; other roots keep their name: `G['model']._modules['fc']._parameters['bias']` -> `model.fc.bias`."""
+    path = re.sub(r"^L\['self'\]", "", source)
+    path = re.sub(r"^[LG]\['([^']+)'\]", r"\1", path)
+    path = re.sub(r"\._(?:modules|parameters|buffers)\['([^']+)'\]", r".\1", path)
+    path = re.sub(r"\[['\"]?([^'\"\]]+)['\"]?\]", r".\1", path)
+    return re.sub(r"[^0-9A-Za-z_.]", "_", path).strip(".")
+
+
+def _is_module_tensor(source: str, example) -> bool:
+    return isinstance(example, torch.nn.Parameter) or "._parameters[" in source or "._buffers[" in source
+
+
+def _is_module_scalar(node: fx.Node, source: str) -> bool:
+    """A float attribute of a module (LayerNorm.eps, a dropout p) that `dynamic=True` passes as a 0-dim tensor."""
+    return dynamo.passes_as_tensor(node) and (source.startswith("L['self'].") or "._modules[" in source)
+
+
+def _register_constant(root: torch.nn.Module, path: str, tensor: torch.Tensor) -> str:
+    """Store `tensor` as a buffer of `root` at `path`, creating the submodules on the way; a fresh flat name when the
+    path is taken or not a valid attribute chain."""
+    try:
+        owner, _, leaf = path.rpartition(".")
+        module = root
+        for part in owner.split(".") if owner else []:
+            if part not in module._modules:
+                if hasattr(module, part):
+                    raise KeyError(part)
+                module.add_module(part, torch.nn.Module())
+            module = module._modules[part]
+        if not leaf or hasattr(module, leaf):
+            raise KeyError(leaf)
+        module.register_buffer(leaf, tensor, persistent=True)
+        return path
+    except (KeyError, ValueError, TypeError):
+        base, i = "_zq_const_" + re.sub(r"\W", "_", path), 0
+        while hasattr(root, f"{base}_{i}"):
+            i += 1
+        root.register_buffer(f"{base}_{i}", tensor, persistent=True)
+        return f"{base}_{i}"
+
+
+def freeze_dynamo_graph(gm: fx.GraphModule, example_inputs, names: dict[int, str] | None = None
+                        ) -> tuple[fx.GraphModule, list[int]]:
+    """A copy of a Dynamo graph whose parameters and buffers are get_attr constants, and the positions of the inputs
+    that stay inputs.
+
+    Dynamo (with inlined nn modules) passes every parameter as a placeholder. Here each one becomes a buffer named
+    by its module path: `names` maps id(tensor) to the path in the compiled model, else the path comes from the
+    placeholder's Dynamo source. Float module attributes that `dynamic=True` passes as 0-dim tensors are folded back
+    into numbers. Remaining placeholders get Dynamo's fake values (symbolic batch and sequence sizes) as
+    node.meta["val"], which propagate_meta then keeps. The returned module takes `[args[i] for i in keep]`.
+    Call it inside the backend call: Dynamo drops the placeholders' "grapharg" meta (their sources) once it returns.
+    """
+    names = names or {}
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    graph.output(graph.graph_copy(gm.graph, env))
+    root = torch.nn.Module()
+    keep: list[int] = []
+    nodes = [n for n in graph.nodes if n.op == "placeholder"]
+    if len(nodes) != len(example_inputs):
+        raise CaptureError(f"Dynamo graph has {len(nodes)} inputs but {len(example_inputs)} example inputs")
+    first_use = next((n for n in graph.nodes if n.op != "placeholder"), None)
+    for index, (node, example) in enumerate(zip(nodes, example_inputs)):
+        source = dynamo.graph_arg_source(node)
+        if isinstance(example, torch.Tensor) and _is_module_tensor(source, example):
+            path = names.get(id(example)) or module_path_of_source(source) or node.name
+            target = _register_constant(root, path, example.detach())
+            with graph.inserting_before(first_use):
+                constant = graph.get_attr(target)
+            constant.meta.update({k: v for k, v in node.meta.items() if k in ("stack_trace", "nn_module_stack")})
+            node.replace_all_uses_with(constant)
+            graph.erase_node(node)
+        elif isinstance(example, torch.Tensor) and example.dim() == 0 and _is_module_scalar(node, source):
+            value = example.item()
+            for user in list(node.users):
+                if user.op == "call_method" and user.target == "item":
+                    for consumer in list(user.users):
+                        consumer.args = fx.node.map_arg(consumer.args, lambda n: value if n is user else n)
+                        consumer.kwargs = fx.node.map_arg(consumer.kwargs, lambda n: value if n is user else n)
+                    graph.erase_node(user)
+            if node.users:
+                target = _register_constant(root, module_path_of_source(source) or node.name, example.detach())
+                with graph.inserting_before(first_use):
+                    constant = graph.get_attr(target)
+                node.replace_all_uses_with(constant)
+            graph.erase_node(node)
+        else:
+            keep.append(index)
+            value = dynamo.example_value(node, _MISSING)
+            if value is not _MISSING:
+                node.meta["val"] = value
+    graph.lint()
+    return fx.GraphModule(root, graph, class_name="DynamoGraph"), keep
+
+
+freeze = freeze_dynamo_graph
+
+
+def input_sources(gm: fx.GraphModule, keep: list[int] | None = None) -> list[str]:
+    """The Dynamo source of each input of a Dynamo graph (of the inputs at positions `keep`, when given)."""
+    sources = [dynamo.graph_arg_source(n) for n in placeholders(gm)]
+    return sources if keep is None else [sources[i] for i in keep]
+
+
+def tensor_names(module: torch.nn.Module) -> dict[int, str]:
+    """id(tensor) -> its path in `module` for every parameter and buffer (the first path of a shared one): the
+    `names` for freeze_dynamo_graph."""
+    names: dict[int, str] = {}
+    for name, tensor in list(module.named_parameters(remove_duplicate=False)) + list(
+            module.named_buffers(remove_duplicate=False)):
+        names.setdefault(id(tensor), name)
+    return names
+
+
+def module_paths(gm: fx.GraphModule) -> set[str]:
+    """The module paths in a frozen graph as insert_qdq sees them (weight owners, then nn_module_stack): what
+    `overrides` globs match."""
+    from zqhero_fx.passes._graph import module_path, weight_module_path
+
+    return {weight_module_path(n.target) if n.op == "get_attr" else module_path(n) for n in gm.graph.nodes}
+
+
+_SIZE_SOURCE = re.compile(r"(.*)\.size\(\)\[(\d+)\]")
+
+
+def input_builder(mine: list[str], theirs: list[str]) -> Callable[[list], list] | None:
+    """Build another graph's inputs from this graph's, matched by Dynamo source; a size input may be read off the
+    tensor it belongs to. None unless every input of this graph is also one of the other graph's (else the other
+    graph baked in something this one takes as an input)."""
+    position = {source: i for i, source in enumerate(mine)}
+    if not mine or "" in position or not set(position) <= set(theirs):
+        return None
+    getters = []
+    for source in theirs:
+        size = _SIZE_SOURCE.fullmatch(source)
+        if source in position:
+            getters.append((position[source], None))
+        elif size and size.group(1) in position:
+            getters.append((position[size.group(1)], int(size.group(2))))
+        else:
+            return None
+    return lambda xs: [xs[i] if dim is None else xs[i].size(dim) for i, dim in getters]
+
+
+@contextlib.contextmanager
+def constants_allowed(gm: fx.GraphModule):
+    """Dynamo's fake mode refuses real tensors; the frozen weights are real get_attr constants, as after `trace`."""
+    mode = next((v.fake_mode for n in placeholders(gm) if isinstance(v := n.meta.get("val"), torch.Tensor)
+                 and hasattr(v, "fake_mode")), None)
+    if mode is None:
+        yield
+        return
+    before = mode.allow_non_fake_inputs
+    mode.allow_non_fake_inputs = True
+    try:
+        yield
+    finally:
+        mode.allow_non_fake_inputs = before
+
+
+def _output_examples(gm: fx.GraphModule) -> list:
+    """Dynamo's example value of each graph output (fake tensors, SymInts, constants)."""
+    output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    values = output.args[0] if isinstance(output.args[0], (tuple, list)) else (output.args[0],)
+    return [dynamo.example_value(v, v.meta.get("val")) if isinstance(v, fx.Node) else v for v in values]
+
+
+def dynamic_output_dims(gm: fx.GraphModule) -> list[tuple[int, list[int]]]:
+    """(output index, its symbolic dims) for every tensor output: the dims to keep dynamic across a graph break."""
+    dims = []
+    for i, example in enumerate(_output_examples(gm)):
+        if isinstance(example, torch.Tensor):
+            symbolic = [d for d, size in enumerate(example.shape) if isinstance(size, torch.SymInt)]
+            if symbolic:
+                dims.append((i, symbolic))
+    return dims
+
+
+def output_kinds(gm: fx.GraphModule) -> list:
+    """Per output: ("tensor", rank, dtype) or the Python type of a non-tensor, for comparing recompiles' outputs."""
+    return [("tensor", e.dim(), e.dtype) if isinstance(e, torch.Tensor) else type(e).__name__
+            for e in _output_examples(gm)]

@@ -14,6 +14,7 @@ import os
 import shlex
 import sys
 import time
+import warnings
 from pathlib import Path
 
 PROG = "zqhero"
@@ -351,9 +352,10 @@ def cmd_dump(args, parser) -> int:
           f"{list(batches[0]['input_ids'].shape)} tokens", file=sys.stderr)
     gm = _trace(model, batches[0])
     start = time.perf_counter()
-    with torch.no_grad():
-        zqhero_fx.convert(gm, args.mode, calibration=batches, overrides=dict(args.override) or None,
-                          dump_dir=args.out)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", zqhero_fx.CoverageWarning)  # the whole report is printed below
+        q = zqhero_fx.convert(gm, args.mode, calibration=batches, overrides=dict(args.override) or None,
+                              dump_dir=args.out)
     out = args.out.resolve()
     files = sorted(p.name for p in out.iterdir() if p.is_file())
     passes = sorted({p.split(".")[0] for p in files if p[:2].isdigit()})
@@ -378,6 +380,11 @@ def cmd_dump(args, parser) -> int:
             print(f"  model {r['node']}: {r['sqnr_db']:.2f} dB")
     else:
         print("  (no sqnr_report.md: the mode quantized nothing, or there was no calibration batch)")
+    coverage = zqhero_fx.coverage_of(q)
+    print(f"\ncoverage (coverage.md, coverage.json): {coverage.summary()}")
+    for site in coverage.sites:
+        if not site.quantized:
+            print(f"  float {site.kind:<9} {site.module or site.node}: {site.reason}")
     return 0
 
 

@@ -18,9 +18,13 @@ import networkx as nx
 import torch
 import torch.fx as fx
 
+from zqhero_fx.formats import is_quantized_dtype
 from zqhero_fx.passes._graph import module_path
+from zqhero_fx.passes.state import NodeState, peek
 
-_COLOURS = {"int8": "#f4a261", "fp16": "#8ecae6", "bf16": "#8ecae6", "fp32": "#e9ecef"}
+# Quantized formats warm, float ones cool.
+_COLOURS = {"int8": "#f4a261", "fp8_e4m3": "#e76f51", "fp8_e5m2": "#e9c46a", "fp16": "#8ecae6", "bf16": "#8ecae6",
+            "fp32": "#e9ecef"}
 _BOUND_SHAPES = {"compute": "box", "memory": "ellipse", "free": "plaintext"}
 
 
@@ -31,20 +35,35 @@ def _short(target) -> str:
     return text.replace(".default", "")
 
 
+def _precision(node: fx.Node, record: NodeState) -> str | None:
+    if record.precision is not None:
+        return record.precision
+    v = node.meta.get("val")
+    if isinstance(v, (tuple, list)):
+        v = v[0] if v and isinstance(v[0], torch.Tensor) else None
+    if not isinstance(v, torch.Tensor):
+        return None
+    if is_quantized_dtype(v.dtype):
+        return {torch.int8: "int8", torch.float8_e4m3fn: "fp8_e4m3", torch.float8_e5m2: "fp8_e5m2"}.get(v.dtype,
+                                                                                                        str(v.dtype))
+    return {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(v.dtype, "fp32")
+
+
 def node_facts(node: fx.Node) -> dict:
     v = node.meta.get("val")
+    record = peek(node) or NodeState()
+    scheme = record.attention_schemes or record.scheme
     return {
         "name": node.name,
         "op": node.op,
         "target": _short(node.target),
         "shape": [str(s) for s in v.shape] if isinstance(v, torch.Tensor) else None,
         "dtype": str(v.dtype).replace("torch.", "") if isinstance(v, torch.Tensor) else None,
-        "precision": node.meta.get("zq_precision", "int8" if isinstance(v, torch.Tensor) and v.dtype == torch.int8
-                                   else "fp32" if isinstance(v, torch.Tensor) else None),
-        "scheme": node.meta.get("zq_scheme"),
-        "bound": node.meta.get("zq_bound"),
-        "flops": node.meta.get("zq_flops"),
-        "bytes": node.meta.get("zq_bytes"),
+        "precision": _precision(node, record),
+        "scheme": str(scheme) if scheme is not None else None,
+        "bound": record.bound,
+        "flops": record.flops,
+        "bytes": record.bytes,
         "module": module_path(node),
     }
 
@@ -152,11 +171,11 @@ class _Recorder(fx.Interpreter):
 
 def float_estimate(node: fx.Node, value):
     """What a lowered node's output means in the float graph's units (None if it has no float counterpart)."""
-    if isinstance(value, (tuple, list)):  # layer_norm_quant: int8 values x per-token scales
+    if isinstance(value, (tuple, list)):  # norm_quant: quantized values x per-token scales
         return value[0].float() * value[1]
-    if value.dtype == torch.int8:
-        scale = node.meta.get("zq_origin_scale")
-        return None if scale is None else value.float() * scale
+    if is_quantized_dtype(value.dtype):
+        record = peek(node)
+        return None if record is None or record.origin_scale is None else value.float() * record.origin_scale
     return value.float()
 
 
@@ -173,11 +192,19 @@ class Dumper:
     def __init__(self, directory):
         self.dir = Path(directory)
         if self.dir.exists():
-            for stale in list(self.dir.glob("[0-9][0-9]_*")) + list(self.dir.glob("sqnr_report.*")):
+            for stale in list(self.dir.glob("[0-9][0-9]_*")) + list(self.dir.glob("sqnr_report.*")) + list(
+                    self.dir.glob("coverage.*")):
                 stale.unlink()
         self.dir.mkdir(parents=True, exist_ok=True)
         self.index = 0
         self.float_gm = None
+
+    def write_coverage(self, gm: fx.GraphModule) -> None:
+        """coverage.md / coverage.json: every GEMM / attention / embedding site and why it stays float."""
+        coverage = gm.meta.get("zqhero", {}).get("coverage")
+        if coverage is not None:
+            (self.dir / "coverage.md").write_text("# Coverage\n\n" + coverage.table() + "\n")
+            (self.dir / "coverage.json").write_text(coverage.to_json())
 
     def write(self, gm: fx.GraphModule, pass_name: str) -> None:
         stem = self.dir / f"{self.index:02d}_{pass_name}"
@@ -197,8 +224,8 @@ class Dumper:
         if self.float_gm is None:
             return []
         keep = _padding_mask(self.float_gm, flat_batch)
-        lowered = {n.name: n for n in gm.graph.nodes if "zq_origin" in n.meta}
-        origins = {n.meta["zq_origin"] for n in lowered.values()}
+        lowered = {n.name: n for n in gm.graph.nodes if peek(n) is not None and peek(n).origin is not None}
+        origins = {peek(n).origin for n in lowered.values()}
         with torch.no_grad():
             reference = _Recorder(self.float_gm, origins | {"output"})
             reference.run(*flat_batch)
@@ -207,13 +234,14 @@ class Dumper:
             expected = reference.run(*flat_batch)
         rows = []
         for name, node in lowered.items():
-            ref = reference.values.get(node.meta["zq_origin"])
+            ref = reference.values.get(peek(node).origin)
             est = float_estimate(node, quantized.values[name]) if name in quantized.values else None
             if not isinstance(ref, torch.Tensor) or est is None or est.shape != ref.shape:
                 continue
-            rows.append({"node": name, "op": _short(node.target), "float_node": node.meta["zq_origin"],
-                         "module": module_path(node), "precision": node.meta.get("zq_precision", "int8"),
-                         "scheme": node.meta.get("zq_scheme"), "sqnr_db": round(_sqnr(ref, est, keep), 2)})
+            facts = node_facts(node)
+            rows.append({"node": name, "op": _short(node.target), "float_node": peek(node).origin,
+                         "module": module_path(node), "precision": facts["precision"],
+                         "scheme": facts["scheme"], "sqnr_db": round(_sqnr(ref, est, keep), 2)})
         outs = [t for t in torch.utils._pytree.tree_leaves(final) if isinstance(t, torch.Tensor)]
         refs = [t for t in torch.utils._pytree.tree_leaves(expected) if isinstance(t, torch.Tensor)]
         for i, (o, r) in enumerate(zip(outs, refs)):

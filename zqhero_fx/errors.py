@@ -25,5 +25,9 @@ class PassError(ZqheroError):
     """A pass failed; the message names the pass and the ones that ran before it."""
 
 
+class CoverageError(ZqheroError):
+    """convert(..., strict=True) found sites the mode should quantize left in floating point."""
+
+
 class SerializationError(ZqheroError):
     """A converted model could not be saved or loaded."""

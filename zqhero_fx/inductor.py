@@ -2,8 +2,9 @@
 
 On CPU every zqhero op is decomposed into its PyTorch reference before Inductor sees the graph: the INT8 GEMMs stay
 oneDNN calls (aten._int_mm, VNNI/AMX where the CPU has them) while their epilogues (row x column scales, bias, GeLU,
-requantization) and LayerNorm^quant become fused loops in Inductor's generated C++. INT8 attention is the exception
-where the CPU has AVX-512 VNNI: it stays one call to its fused C++ kernel (kernels/vnni_cpu.py). That is what makes the
+requantization) and LayerNorm^quant become fused loops in Inductor's generated C++. Ops whose hand-written CPU kernel beats
+Inductor's code stay one extern call (INT8 attention on AVX-512 VNNI, kernels/vnni_cpu.py; zqhero_fx/dispatch.py says
+which). That is what makes the
 CPU path fast (benchmarks/bench_e2e.py). On CUDA, or with ZQHERO_KERNELS=triton, the ops stay opaque and run
 their Triton kernels; Inductor fuses only the floating-point remainder around them.
 """
@@ -16,18 +17,8 @@ import os
 import torch
 import torch.fx as fx
 
-from zqhero_fx.kernels import OPS, kernel_choice, vnni_cpu
-
-
-def decompositions(keep_fused_cpu_kernels: bool = False) -> dict:
-    """zqhero op overload -> its reference implementation (pure, traceable PyTorch).
-
-    With `keep_fused_cpu_kernels`, ops that have a hand-fused CPU kernel here (int8_attention on AVX-512 VNNI: ~4x the
-    Inductor-compiled reference, nothing of size Sq x Sk stored) are left out, so they stay one extern call."""
-    keep = set()
-    if keep_fused_cpu_kernels and kernel_choice() == "auto" and vnni_cpu.extension() is not None:
-        keep.add("int8_attention")
-    return {getattr(torch.ops.zqhero, name).default: reference for name, reference in OPS.items() if name not in keep}
+from zqhero_fx import dispatch
+from zqhero_fx.dispatch import kernel_choice
 
 
 def _on_cpu(example_inputs) -> bool:
@@ -45,7 +36,7 @@ def inductor_backend(gm: fx.GraphModule, example_inputs):
 
     table = dict(select_decomp_table())
     if _on_cpu(example_inputs) and kernel_choice() != "triton":
-        table.update(decompositions(keep_fused_cpu_kernels=True))
+        table.update(dispatch.decompositions(keep_fast_cpu_kernels=True))
     return compile_fx(gm, example_inputs, decompositions=table)
 
 
@@ -81,7 +72,7 @@ def relayout_gemm_weights(gm: fx.GraphModule) -> fx.GraphModule:
     out = _detached(gm)
     done = set()
     for node in gm.graph.nodes:
-        if node.op != "call_function" or node.target is not torch.ops.zqhero.int8_linear.default:
+        if node.op != "call_function" or node.target is not torch.ops.zqhero.quantized_linear.default:
             continue
         weight = node.args[2]
         if not isinstance(weight, fx.Node) or weight.op != "get_attr" or weight.target in done:

@@ -1,12 +1,13 @@
-"""Quantization modes as data. M1 ⊂ M2 ⊂ M3 in INT8 coverage; these presets are zqhero_fx's own definition
-(the paper's mode table is not public), written up in docs/modes.md.
+"""Quantization modes as data. M1 ⊂ M2 ⊂ M3 in coverage; these presets are zqhero_fx's own definition (the paper's mode
+table is not public), written up in docs/modes.md. A config names an activation format and a weight format
+(zqhero_fx/formats.py); the presets use INT8, and "M1-fp8" / "M2-fp8" / "M3-fp8" the same sites in FP8 E4M3.
 
-| flag                | what turns INT8                                                                  | scheme |
-|---------------------|----------------------------------------------------------------------------------|--------|
-| int8_ln_gemms (M1+) | GEMMs fed by a LayerNorm (QKV, FC1); LayerNorm emits INT8 + per-token scales     | TWQ    |
-| int8_fwq_gemms (M2+)| attention-output projection and FC2; static per-feature input scales folded into W | FWQ    |
-| int8_attention (M3) | Q.K^T, softmax probabilities and P.V; QKV epilogues emit INT8 Q/K/V               | SQ (Q, K, P), FWQ (V) |
-| int8_embeddings (M3)| embedding tables stored INT8 with static scales                                   | SQ/row |
+| site flag             | what turns quantized                                                              | scheme |
+|-----------------------|-----------------------------------------------------------------------------------|--------|
+| norm_fed_gemms (M1+)  | GEMMs fed by a LayerNorm / RMSNorm (QKV, FC1, gate/up); the norm emits the format + per-token scales | TWQ |
+| fwq_gemms (M2+)       | GEMMs fed by another GEMM or attention through activations / gated products / head merges (attention-output projection, FC2, down_proj); static per-feature input scales folded into W | FWQ |
+| attention (M3)        | Q.K^T, softmax probabilities and P.V; the producers of Q/K/V emit the format        | SQ (Q, K, P), FWQ (V) |
+| embeddings (M3)       | embedding tables stored quantized with static per-row scales                      | SQ/row |
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ import dataclasses
 from dataclasses import dataclass
 
 from zqhero_fx.errors import ConfigError
+from zqhero_fx.formats import Format, get_format
 
-PRECISIONS = ("int8", "fp32", "fp16", "bf16")
+FLOAT_PRECISIONS = ("fp32", "fp16", "bf16")
 
 
 @dataclass(frozen=True)
@@ -24,61 +26,110 @@ class QuantConfig:
     """What a conversion does. Build one directly, or start from a preset: `MODES["M2"].replace(percentile=99.99)`."""
 
     name: str = "custom"
-    int8_ln_gemms: bool = False
-    int8_fwq_gemms: bool = False
-    int8_attention: bool = False
-    int8_embeddings: bool = False
+    # Number formats by name (see zqhero_fx.formats.FORMATS): activations, and GEMM weights / embedding tables
+    # (None: the activation format).
+    activation_format: str = "int8"
+    weight_format: str | None = None
+    # Sites the mode quantizes (the table above).
+    norm_fed_gemms: bool = False
+    fwq_gemms: bool = False
+    attention: bool = False
+    embeddings: bool = False
+    # GEMMs whose result is a model output (an LM head, a classifier: logits) stay float by default: their error
+    # reaches the user unfiltered, and they are a small share of the FLOPs.
+    quantize_heads: bool = False
     # Static-scale statistics: "absmax" (min-max) or "percentile" (of |x| per feature, averaged over batches).
     calibration_method: str = "absmax"
     percentile: float = 99.99
     # Static per-row scales for embedding tables ("row"), or one scale per table ("tensor", plain SQ).
     embedding_granularity: str = "row"
-    # Scale of the quantized softmax probabilities: exp(s - rowmax) lies in (0, 1], so 1/127 covers it exactly.
-    softmax_scale: float = 1.0 / 127
+    # Scale of the quantized softmax probabilities; None: 1 / the activation format's max (exp(s - rowmax) lies in
+    # (0, 1], so that covers it exactly: 1/127 for INT8, 1/448 for FP8 E4M3).
+    softmax_scale: float | None = None
     # Device whose ridge point labels nodes memory- or compute-bound (see passes/classify.py).
     device: str = "cpu"
 
     def __post_init__(self):
+        activation = get_format(self.activation_format)
+        weight = get_format(self.weight_format if self.weight_format is not None else activation)
+        # Store canonical names, so aliases ("fp8", "e4m3") compare equal.
+        object.__setattr__(self, "activation_format", activation.name)
+        object.__setattr__(self, "weight_format", weight.name)
+        for role, fmt in (("activation", activation), ("weight", weight)):
+            if fmt.bits != 8:
+                raise ConfigError(f"{role}_format={fmt.name!r}: the HERO modes run 8-bit formats (int8, fp8_e4m3, "
+                                  f"fp8_e5m2); {fmt.name} has its reference in zqhero_fx.formats but no kernels yet")
+        if activation.kind != weight.kind:
+            raise ConfigError(f"activation_format={activation.name!r} with weight_format={weight.name!r}: an 8-bit "
+                              "GEMM multiplies two integer or two float formats, not one of each")
         if self.calibration_method not in ("absmax", "percentile"):
             raise ConfigError(f"calibration_method={self.calibration_method!r}: use 'absmax' or 'percentile'")
         if not 50.0 < self.percentile <= 100.0:
             raise ConfigError(f"percentile={self.percentile}: must lie in (50, 100]")
         if self.embedding_granularity not in ("row", "tensor"):
             raise ConfigError(f"embedding_granularity={self.embedding_granularity!r}: use 'row' or 'tensor'")
+        if self.softmax_scale is not None and not 0.0 < self.softmax_scale <= 1.0:
+            raise ConfigError(f"softmax_scale={self.softmax_scale}: must lie in (0, 1]")
+
+    @property
+    def activations(self) -> Format:
+        return get_format(self.activation_format)
+
+    @property
+    def weights(self) -> Format:
+        return get_format(self.weight_format)
+
+    @property
+    def probability_scale(self) -> float:
+        return self.softmax_scale if self.softmax_scale is not None else 1.0 / self.activations.max_value
 
     @property
     def needs_calibration(self) -> bool:
         """TWQ scales are dynamic; everything else needs static scales from calibration data."""
-        return self.int8_fwq_gemms or self.int8_attention
+        return self.fwq_gemms or self.attention
 
     @property
     def quantizes(self) -> bool:
-        return self.int8_ln_gemms or self.int8_fwq_gemms or self.int8_attention or self.int8_embeddings
+        return self.norm_fed_gemms or self.fwq_gemms or self.attention or self.embeddings
 
     def replace(self, **changes) -> "QuantConfig":
         return dataclasses.replace(self, **changes)
 
 
-MODES: dict[str, QuantConfig] = {
-    "fp": QuantConfig(name="fp"),
-    "M1": QuantConfig(name="M1", int8_ln_gemms=True),
-    "M2": QuantConfig(name="M2", int8_ln_gemms=True, int8_fwq_gemms=True),
-    "M3": QuantConfig(name="M3", int8_ln_gemms=True, int8_fwq_gemms=True, int8_attention=True, int8_embeddings=True),
+_SITES = {
+    "M1": dict(norm_fed_gemms=True),
+    "M2": dict(norm_fed_gemms=True, fwq_gemms=True),
+    "M3": dict(norm_fed_gemms=True, fwq_gemms=True, attention=True, embeddings=True),
 }
+
+MODES: dict[str, QuantConfig] = {"fp": QuantConfig(name="fp")}
+for _mode, _sites in _SITES.items():
+    MODES[_mode] = QuantConfig(name=_mode, **_sites)
+    MODES[f"{_mode}-fp8"] = QuantConfig(name=f"{_mode}-fp8", activation_format="fp8_e4m3",
+                                       weight_format="fp8_e4m3", **_sites)
 
 
 def resolve_mode(mode) -> QuantConfig:
+    """A QuantConfig from a preset name ("M3", "m2-fp8"), "<preset>-<format>" for any 8-bit format
+    ("M3-fp8_e5m2", "M1-int8"), or a QuantConfig."""
     if isinstance(mode, QuantConfig):
         return mode
     if isinstance(mode, str):
-        key = {m.lower(): m for m in MODES}.get(mode.strip().lower())
+        text = mode.strip()
+        key = {m.lower(): m for m in MODES}.get(text.lower())
         if key is not None:
             return MODES[key]
-    raise ConfigError(f"unknown mode {mode!r}: use one of {', '.join(MODES)} or a QuantConfig")
+        base, _, fmt = text.partition("-")
+        preset = {m.lower(): m for m in _SITES}.get(base.lower())
+        if preset is not None and fmt:
+            name = get_format(fmt).name  # ConfigError names the known formats
+            return QuantConfig(name=f"{preset}-{name}", activation_format=name, weight_format=name, **_SITES[preset])
+    raise ConfigError(f"unknown mode {mode!r}: use one of {', '.join(MODES)}, '<M1|M2|M3>-<format>' or a QuantConfig")
 
 
 def resolve_overrides(overrides) -> dict[str, str]:
-    """Validate {module-path glob: precision}; precisions are 'fp32', 'fp16', 'bf16' (stay float) or 'int8'."""
+    """Validate {module-path glob: precision}; precisions are 'fp32', 'fp16', 'bf16' (stay float), or a format name
+    ('int8', 'fp8_e4m3', ...: quantize in that format where the mode quantizes)."""
     if overrides is None:
         return {}
     if not isinstance(overrides, dict):
@@ -86,9 +137,16 @@ def resolve_overrides(overrides) -> dict[str, str]:
     checked = {}
     for pattern, precision in overrides.items():
         if not isinstance(pattern, str) or not pattern:
-            raise ConfigError(f"override key {pattern!r} is not a module-path glob")
-        p = str(precision).lower()
-        if p not in PRECISIONS:
-            raise ConfigError(f"override {pattern!r}: precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+            raise ConfigError(f"override {pattern!r} is not a module-path glob")
+        p = str(precision).strip().lower()
+        if p not in FLOAT_PRECISIONS:
+            try:
+                fmt = get_format(p)
+            except ConfigError:
+                raise ConfigError(f"override {pattern!r}: precision {precision!r} is not one of "
+                                  f"{', '.join(FLOAT_PRECISIONS)} or an 8-bit format name") from None
+            if fmt.bits != 8:
+                raise ConfigError(f"override {pattern!r}: {fmt.name} is not an 8-bit format")
+            p = fmt.name
         checked[pattern] = p
     return checked

@@ -27,7 +27,7 @@ def build_pipeline(config: QuantConfig, calibration: list, overrides: dict[str, 
                                         percentile=config.percentile)),
         ("insert_qdq", functools.partial(insert_qdq, config=config, overrides=overrides)),
         ("fold_scales", fold_scales),
-        ("lower", functools.partial(lower, softmax_scale=config.softmax_scale)),
+        ("lower", functools.partial(lower, config=config)),
         ("classify_lowered", functools.partial(classify, device=config.device)),
         ("clean_up", clean_up),
     )

@@ -55,7 +55,7 @@ def _decode_target(op: str, spec):
         if namespace not in _OP_NAMESPACES:
             raise SerializationError(f"refusing op namespace {namespace!r}")
         if namespace == "zqhero":
-            import zqhero_fx.kernels  # noqa: F401  (registers the ops)
+            import zqhero_fx.ops  # noqa: F401  (registers the ops)
         return getattr(getattr(getattr(torch.ops, namespace), opname), overload)
     module, qualname = spec["function"].split(":", 1)
     if module not in _FUNCTION_MODULES:

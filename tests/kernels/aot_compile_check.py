@@ -1,7 +1,8 @@
 """Compile every zqhero Triton kernel for real NVIDIA targets (sm_80, sm_90) without a GPU.
 
 The interpreter tests check what the kernels compute, but the interpreter accepts programs the GPU compiler rejects
-(an INT8 dot too small for the MMA, a layout the backend cannot lower, a tile that overflows shared memory). This
+(an INT8 or FP8 dot too small for the MMA, a layout the backend cannot lower, a tile that overflows shared memory).
+FP8 specialisations are compiled for sm_90 only (FP8 needs sm_89+; the kernels refuse FP8 below it). This
 script drives each launcher with CPU tensors, intercepts the launch, and runs Triton's own ahead-of-time pipeline
 (TTIR -> TTGIR -> LLVM -> PTX -> cubin via the bundled ptxas) on the exact specialisation the JIT would build: same
 signature, constexprs and alignment attributes. For autotuned kernels every config in the tuning list is compiled and
@@ -30,16 +31,19 @@ from triton.runtime.jit import create_function_from_signature  # noqa: E402
 
 import zqhero_fx.kernels  # noqa: E402,F401
 from zqhero_fx.kernels import (  # noqa: E402
-    embedding_layer_norm_quant,
-    int8_attention,
-    int8_linear,
-    layer_norm_quant,
+    embedding_norm_quant,
+    quantized_attention,
+    quantized_linear,
+    norm_quant,
     quantize,
     quantized_embedding,
 )
 
 # Opt-in shared memory per block (bytes): A100 (sm_80) 163 KiB, H100/H200 (sm_90) 227 KiB.
 SMEM_LIMIT = {80: 166912, 90: 232448}
+# FP8 conversions and FP8 tensor-core dots need sm_89+; the FP8 launches are compiled only for those archs.
+FP8_MIN_ARCH = 89
+E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 
 
 def compile_for(jit_fn, args, kwargs, arch):
@@ -64,11 +68,14 @@ class Recorder:
 
 
 def drive_launchers():
-    """Call each launcher on representative inputs (BERT-like sizes, every flag both ways somewhere)."""
+    """Call each launcher on representative inputs (BERT-like sizes, every flag both ways somewhere), INT8 and FP8."""
     g = torch.Generator().manual_seed(0)
 
     def i8(*shape):
         return torch.randint(-127, 128, shape, dtype=torch.int8, generator=g)
+
+    def f8(*shape, dtype=E4M3):
+        return torch.randn(shape, generator=g).to(dtype)
 
     x16 = torch.randn(64, 768, generator=g).half()
     quantize.quantize_per_token_triton(x16)
@@ -77,46 +84,87 @@ def drive_launchers():
     quantize.dequantize_triton(i8(64, 768), torch.rand(64, 1, generator=g), torch.bfloat16)
 
     w, b = torch.rand(768, generator=g), torch.rand(768, generator=g)
-    layer_norm_quant.layer_norm_quant_triton(x16, x16, w, b, 1e-12, True, True)
-    layer_norm_quant.layer_norm_quant_triton(x16.bfloat16(), None, w, None, 1e-5, False, False)
+    norm_quant.norm_quant_triton(x16, x16, w, b, 1e-12, True, True)
+    norm_quant.norm_quant_triton(x16.bfloat16(), None, w, None, 1e-5, False, False)
 
     xs, ws = torch.rand(64, 1, generator=g), torch.rand(3072, generator=g)
     # FFN1: gelu + requantize; FFN2: residual + fp16 out; QKV: plain fp32 out with a scalar x_scale.
-    int8_linear.int8_linear_triton(i8(64, 768), xs, i8(3072, 768), ws, b.repeat(4), None, ws, "gelu", torch.float16)
-    int8_linear.int8_linear_triton(
+    quantized_linear.quantized_linear_triton(i8(64, 768), xs, i8(3072, 768), ws, b.repeat(4), None, ws, "gelu",
+                                             torch.int8)
+    quantized_linear.quantized_linear_triton(
         i8(64, 3072), xs, i8(768, 3072), w, b, x16, None, "gelu_tanh", torch.float16
     )
-    int8_linear.int8_linear_triton(i8(64, 768), xs[:1, 0], i8(2304, 768), ws[:2304], None, None, None, "none",
-                                   torch.float32)
+    quantized_linear.quantized_linear_triton(i8(64, 768), xs[:1, 0], i8(2304, 768), ws[:2304], None, None, None, "none",
+                                             torch.float32)
 
     for head_dim in (32, 64, 128):
         q, k, v = i8(2, 12, 384, head_dim), i8(2, 12, 384, head_dim), i8(2, 12, 384, head_dim)
         mask = torch.zeros(2, 1, 1, 384)
-        int8_attention.int8_attention_triton(q, k, v, mask, 0.01, 1 / 127, None, False, torch.float16)
+        quantized_attention.quantized_attention_triton(q, k, v, mask, 0.01, 1 / 127, None, False, torch.float16)
     q = i8(2, 12, 128, 64)
-    int8_attention.int8_attention_triton(
-        q, q, q, torch.ones(2, 1, 128, 128, dtype=torch.bool), 0.01, 1 / 127, torch.rand(12, 1, 64), True, torch.float32
+    quantized_attention.quantized_attention_triton(
+        q, q, q, torch.ones(2, 1, 128, 128, dtype=torch.bool), 0.01, 1 / 127, torch.rand(12, 1, 64), True, torch.int8
     )
 
     quantized_embedding.quantized_embedding_triton(torch.randint(0, 100, (8, 128)), i8(100, 768),
                                                    torch.rand(100, 1), torch.float16)
-    embedding_layer_norm_quant.embedding_layer_norm_quant_triton(
+    embedding_norm_quant.embedding_norm_quant_triton(
         [torch.randint(0, 100, (8, 128)), torch.zeros(8, 128, dtype=torch.long), torch.arange(128)[None]],
         [i8(100, 768), i8(2, 768), torch.randn(512, 768)],
         [torch.rand(100, 1), torch.rand(1), torch.empty(0)],
         w, b, 1e-12, True,
     )
 
+    # FP8 specialisations (sm_89+ only: compiled for the requested archs >= 89). E4M3 everywhere, E5M2 where its
+    # code path differs (rounding constants, the e5m2 cvt, a mixed E5M2 x E4M3 dot).
+    quantize.quantize_per_token_triton(x16, E4M3)
+    quantize.quantize_per_token_triton(torch.randn(4, 40000, generator=g), E5M2)
+    quantize.quantize_triton(x16, torch.rand(768, generator=g), E4M3)
+    quantize.dequantize_triton(f8(64, 768, dtype=E5M2), torch.rand(64, 1, generator=g), torch.bfloat16)
+    norm_quant.norm_quant_triton(x16, x16, w, b, 1e-12, True, True, "layer", E4M3)
+    norm_quant.norm_quant_triton(x16.bfloat16(), None, w, None, 1e-6, False, False, "rms", E5M2)
+    quantized_linear.quantized_linear_triton(f8(64, 768), xs, f8(3072, 768), ws, b.repeat(4), None, ws, "gelu", E4M3)
+    quantized_linear.quantized_linear_triton(
+        f8(64, 3072, dtype=E5M2), xs, f8(768, 3072), w, b, x16, None, "none", torch.float16
+    )
+    for head_dim in (64, 128):
+        q, k, v = f8(2, 12, 384, head_dim), f8(2, 12, 384, head_dim), f8(2, 12, 384, head_dim)
+        quantized_attention.quantized_attention_triton(
+            q, k, v, torch.zeros(2, 1, 1, 384), 0.01, 1 / 448, None, False, torch.float16
+        )
+    q = f8(2, 12, 128, 64)
+    quantized_attention.quantized_attention_triton(
+        q, q, q, None, 0.01, 1 / 448, torch.rand(12, 1, 64), True, E4M3
+    )
+    quantized_embedding.quantized_embedding_triton(torch.randint(0, 100, (8, 128)), f8(100, 768),
+                                                   torch.rand(100, 1), torch.float16)
+    embedding_norm_quant.embedding_norm_quant_triton(
+        [torch.randint(0, 100, (8, 128)), torch.zeros(8, 128, dtype=torch.long), torch.arange(128)[None]],
+        [f8(100, 768), f8(2, 768, dtype=E5M2), torch.randn(512, 768)],
+        [torch.rand(100, 1), torch.rand(1), torch.empty(0)],
+        w, b, 1e-12, True, E4M3,
+    )
+
+
+def uses_fp8(args) -> bool:
+    """Whether a recorded launch has float8 operands (those compile for sm_89+ only)."""
+    for a in args:
+        if isinstance(a, (tuple, list)) and uses_fp8(a):
+            return True
+        if isinstance(a, torch.Tensor) and a.dtype in (E4M3, E5M2):
+            return True
+    return False
+
 
 KERNELS = [
     (quantize, "_quantize_per_token_kernel"),
     (quantize, "_quantize_kernel"),
     (quantize, "_dequantize_kernel"),
-    (layer_norm_quant, "_layer_norm_quant_kernel"),
-    (int8_linear, "_int8_linear_kernel_tuned"),
-    (int8_attention, "_int8_attention_kernel_tuned"),
+    (norm_quant, "_norm_quant_kernel"),
+    (quantized_linear, "_quantized_linear_kernel_tuned"),
+    (quantized_attention, "_quantized_attention_kernel_tuned"),
     (quantized_embedding, "_quantized_embedding_kernel"),
-    (embedding_layer_norm_quant, "_embedding_layer_norm_quant_kernel"),
+    (embedding_norm_quant, "_embedding_norm_quant_kernel"),
 ]
 
 
@@ -156,8 +204,11 @@ def main(argv=None):
             else:
                 variants = [(None, lkwargs)]
                 jit_fn = rec.kernel
+            fp8 = uses_fp8(largs)
             for config, kwargs in variants:
                 for arch in args.arch:
+                    if fp8 and arch < FP8_MIN_ARCH:
+                        continue
                     label = f"{rec.name}[{launch_no}] sm_{arch}" + (f" {config}" if config else "")
                     start = time.perf_counter()
                     try:

@@ -34,10 +34,10 @@ def test_smoke_mode_runs_every_benchmark(bench, tmp_path, capsys):
     assert {r["kernel"] for r in result["records"]} == set(bench.KERNELS)
     impls = {(r["kernel"], r["impl"]) for r in result["records"]}
     for expected in [
-        ("layer_norm_quant", "F.layer_norm + quantize"),
-        ("int8_linear", "torch._int_mm + epilogue"),
-        ("int8_linear", "fp16 cuBLAS (F.linear)"),
-        ("int8_attention", "fp16 SDPA (masked)"),
+        ("norm_quant", "F.layer_norm + quantize"),
+        ("quantized_linear", "torch._int_mm + epilogue"),
+        ("quantized_linear", "fp16 cuBLAS (F.linear)"),
+        ("quantized_attention", "fp16 SDPA (masked)"),
     ]:
         assert expected in impls
     assert all(r["ms"] > 0 and r["value"] >= 0 for r in result["records"])
@@ -48,19 +48,19 @@ def test_targets_are_evaluated_from_records(bench):
     # The H100 targets read the right rows: a fake record set that meets two and misses one.
     rec = bench.Record
     records = [
-        rec("layer_norm_quant", "B64 S384 [24576x768]", "triton", 0.02, "GB/s", 2900.0, 0.87, 24576),
-        rec("int8_linear", "B32 S384 ffn1 [12288x768]x[768x3072]", "triton", 0.1, "TOPS", 1.0, 0.5, 12288),
-        rec("int8_linear", "B32 S384 ffn1 [12288x768]x[768x3072]", "torch._int_mm + epilogue", 0.15, "TOPS", 1.0,
+        rec("norm_quant", "B64 S384 [24576x768]", "triton", 0.02, "GB/s", 2900.0, 0.87, 24576),
+        rec("quantized_linear", "B32 S384 ffn1 [12288x768]x[768x3072]", "triton", 0.1, "TOPS", 1.0, 0.5, 12288),
+        rec("quantized_linear", "B32 S384 ffn1 [12288x768]x[768x3072]", "torch._int_mm + epilogue", 0.15, "TOPS", 1.0,
             0.5, 12288),
-        rec("int8_linear", "B32 S384 ffn1 [12288x768]x[768x3072]", "fp16 cuBLAS (F.linear)", 0.12, "TOPS", 1.0,
+        rec("quantized_linear", "B32 S384 ffn1 [12288x768]x[768x3072]", "fp16 cuBLAS (F.linear)", 0.12, "TOPS", 1.0,
             0.5, 12288),
-        rec("int8_attention", "B32 S384 [32x12x384x64]", "triton", 0.1, "TOPS", 1.0, 0.5, 12288),
-        rec("int8_attention", "B32 S384 [32x12x384x64]", "fp16 SDPA (masked)", 0.14, "TOPS", 1.0, 0.5, 12288),
+        rec("quantized_attention", "B32 S384 [32x12x384x64]", "triton", 0.1, "TOPS", 1.0, 0.5, 12288),
+        rec("quantized_attention", "B32 S384 [32x12x384x64]", "fp16 SDPA (masked)", 0.14, "TOPS", 1.0, 0.5, 12288),
     ]
     met = {t["target"].split(" >=")[0] + " " + t["target"].split(" ")[2]: t["met"]
            for t in bench.check_targets(records, "test")}
     assert met == {
-        "layer_norm_quant 80%": True, "int8_linear 1.0x": True, "int8_linear 1.6x": False, "int8_attention 1.3x": True,
+        "norm_quant 80%": True, "quantized_linear 1.0x": True, "quantized_linear 1.6x": False, "quantized_attention 1.3x": True,
     }
 
 

@@ -50,7 +50,7 @@ def test_m3_bert_triton_matches_reference(converted_bert):
     model, q = converted_bert
     ops = zqhero_fx.ops_histogram(q) if hasattr(zqhero_fx, "ops_histogram") else {}
     if ops:
-        assert any(name.startswith("zqhero.int8_linear") for name in ops), ops
+        assert any(name.startswith("zqhero.quantized_linear") for name in ops), ops
     batch = _batch(2, 8, seed=2, pad_from=5)
     with torch.no_grad(), zqhero_fx.use_kernels("reference"):
         reference = _last_hidden_state(q(**batch))

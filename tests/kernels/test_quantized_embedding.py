@@ -1,4 +1,4 @@
-"""quantized_embedding: gather INT8 rows and dequantize them, bit-exact against the reference."""
+"""quantized_embedding: gather INT8 or FP8 rows and dequantize them, bit-exact against the reference."""
 
 from __future__ import annotations
 
@@ -7,7 +7,16 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.kernels.kernel_checks import DEVICES, FLOAT_DTYPES, random_int8, run_reference, run_triton
+from tests.kernels.kernel_checks import (
+    DEVICES,
+    FLOAT_DTYPES,
+    FP8_DTYPE_LIST,
+    FP8_DTYPES,
+    random_fp8_codes,
+    random_int8,
+    run_reference,
+    run_triton,
+)
 from zqhero_fx.kernels import quantized_embedding as E
 
 
@@ -86,5 +95,54 @@ def test_quantized_embedding_out_of_range_index(device):
 )
 def test_quantized_embedding_hypothesis(device, index_shape, vocab, dim, scale, out_dtype, seed):
     indices, table, scales = make_inputs(tuple(index_shape), vocab, dim, seed, scale, negative=True)
+    out = run_triton("quantized_embedding", device, indices, table, scales, out_dtype)
+    assert torch.equal(out, run_reference("quantized_embedding", indices, table, scales, out_dtype))
+
+
+# ---------------------------------------------------------------- FP8 tables (E4M3, E5M2): bit-exact too
+def make_fp8_inputs(index_shape, vocab, dim, seed, fp8, scale="row", negative=False):
+    g = torch.Generator().manual_seed(seed)
+    table = random_fp8_codes((vocab, dim), fp8, g)  # every finite code: subnormals, both zeros, +-max
+    low = -vocab if negative else 0
+    indices = torch.randint(low, vocab, index_shape, generator=g)
+    scales = torch.rand((vocab, 1) if scale == "row" else (1,), generator=g) * 0.1
+    return indices, table, scales
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("fp8", FP8_DTYPES)
+@pytest.mark.parametrize("out_dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("scale", ["row", "scalar"])
+@pytest.mark.parametrize(
+    "index_shape, vocab, dim", [((2, 9), 50, 33), ((7,), 1, 1), ((4, 130), 30, 64)],
+    ids=["batch", "single_row_table", "seq130"],
+)
+def test_quantized_embedding_fp8_bit_exact(device, index_shape, vocab, dim, scale, out_dtype, fp8):
+    indices, table, scales = make_fp8_inputs(index_shape, vocab, dim, 1, fp8, scale, negative=True)
+    out = run_triton("quantized_embedding", device, indices, table, scales, out_dtype)
+    ref = run_reference("quantized_embedding", indices, table, scales, out_dtype)
+    assert out.shape == (*index_shape, dim) and out.dtype == out_dtype
+    assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_quantized_embedding_fp8_strided_table_and_int32_ids(device):
+    g = torch.Generator().manual_seed(3)
+    table = random_fp8_codes((40, 24), torch.float8_e5m2, g).t()  # [24 rows, 40 features], column-major
+    indices = torch.randint(0, 24, (2, 6), generator=g, dtype=torch.int32)
+    scales = torch.rand(24, 1, generator=g)
+    out = run_triton("quantized_embedding", device, indices, table, scales, torch.float32)
+    assert torch.equal(out, run_reference("quantized_embedding", indices, table, scales, torch.float32))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@settings(deadline=None, max_examples=6)
+@given(
+    index_shape=st.lists(st.integers(1, 12), min_size=1, max_size=3), vocab=st.integers(1, 60),
+    dim=st.integers(1, 200), scale=st.sampled_from(["row", "scalar"]), out_dtype=st.sampled_from(FLOAT_DTYPES),
+    fp8=st.sampled_from(FP8_DTYPE_LIST), seed=st.integers(0, 2**31 - 1),
+)
+def test_quantized_embedding_fp8_hypothesis(device, index_shape, vocab, dim, scale, out_dtype, fp8, seed):
+    indices, table, scales = make_fp8_inputs(tuple(index_shape), vocab, dim, seed, fp8, scale, negative=True)
     out = run_triton("quantized_embedding", device, indices, table, scales, out_dtype)
     assert torch.equal(out, run_reference("quantized_embedding", indices, table, scales, out_dtype))

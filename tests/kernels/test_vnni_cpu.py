@@ -3,6 +3,12 @@ layout the attention core hands it, and fall back to the reference wherever it d
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -123,14 +129,73 @@ def test_fake_shape_and_dtype():
 def test_attention_reference_runs_its_matmuls_on_the_kernel():
     """The CPU attention reference (what Inductor compiles on CPU) calls int8_bmm for Q.K^T and P.V, and its numbers
     equal the float32 formulation's exactly."""
-    from zqhero_fx.kernels import int8_attention as A
+    from zqhero_fx.kernels import quantized_attention as A
 
     g = torch.Generator().manual_seed(2)
     q, k, v = (int8((2, 3, 16, 8), g, -127) for _ in range(3))
     args = (q, k, v, None, 0.01, 1.0 / 127, None, False, torch.float32)
-    graph = torch.fx.experimental.proxy_tensor.make_fx(A.int8_attention_ref)(*args).graph
+    graph = torch.fx.experimental.proxy_tensor.make_fx(A.quantized_attention_ref)(*args).graph
     assert sum(n.target is torch.ops.zqhero.int8_bmm.default for n in graph.nodes) == 2
-    with_kernel = A.int8_attention_ref(*args)
+    with_kernel = A.quantized_attention_ref(*args)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(B, "fast_path_applies", lambda a, b: False)
-        assert torch.equal(A.int8_attention_ref(*args), with_kernel)
+        assert torch.equal(A.quantized_attention_ref(*args), with_kernel)
+
+
+# ---------------------------------------------------------------- the build itself, CPU features
+def test_cpu_features():
+    features = B.cpu_features()
+    assert set(features) == {"model", "avx2", "avx512f", "avx512bw", "avx512_vnni", "amx_int8"}
+    assert isinstance(features["model"], str) and features["model"]
+    assert all(isinstance(features[k], bool) for k in features if k != "model")
+    assert B.cpu_has_vnni() == (features["avx512f"] and features["avx512bw"] and features["avx512_vnni"])
+
+
+def test_source_is_package_data_and_named_by_its_hash(tmp_path, monkeypatch):
+    assert B.CPP_PATH.is_file() and "PYBIND11_MODULE(TORCH_EXTENSION_NAME" in B.CPP_SOURCE
+    assert 'kernels/csrc/*.cpp' in (Path(__file__).resolve().parents[2] / "pyproject.toml").read_text()
+    name = B.extension_name()
+    assert name.startswith("zqhero_vnni_cpu_") and name.isidentifier() and name == B.extension_name()
+    edited = tmp_path / "vnni_cpu.cpp"
+    edited.write_text(B.CPP_SOURCE + "\n// edited\n")
+    monkeypatch.setattr(B, "CPP_PATH", edited)
+    assert B.extension_name() != name  # an edited .cpp never loads the stale cached build
+
+
+_FRESH_BUILD = """
+import json, warnings
+{before}
+import zqhero_fx
+from zqhero_fx.kernels import vnni_cpu
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    ext = vnni_cpu.extension()
+import torch
+a = torch.randint(-128, 128, (2, 3, 9, 40), dtype=torch.int8)
+b = torch.randint(-128, 128, (2, 3, 40, 17), dtype=torch.int8)
+print(json.dumps({{"built": ext is not None, "name": getattr(ext, "__name__", None),
+                  "exact": ext is not None and torch.equal(ext.int8_bmm(a, b), torch.matmul(a.long(), b.long()).int()),
+                  "setuptools_use_distutils": __import__("os").environ.get("SETUPTOOLS_USE_DISTUTILS"),
+                  "warnings": [str(w.message) for w in caught]}}))
+"""
+
+
+@pytest.mark.skipif(not B.cpu_features()["avx512_vnni"], reason="the CPU lacks AVX-512 VNNI")
+@pytest.mark.parametrize("before", [
+    "import setuptools, distutils",
+    # what the asset fetcher's pip check does on a fresh machine: it switches setuptools' distutils shim off, and the
+    # first build used to fail with `AssertionError: .../distutils/core.py`
+    "import importlib.util; importlib.util.find_spec('pip')",
+], ids=["setuptools-distutils-first", "pip-looked-up-first"])
+def test_first_build_in_a_fresh_process(tmp_path, before):
+    """A first build (empty TORCH_EXTENSIONS_DIR) in a fresh process works whatever was imported before it."""
+    env = {k: v for k, v in os.environ.items() if k not in ("SETUPTOOLS_USE_DISTUTILS", "ZQHERO_CPU_VNNI")}
+    env["TORCH_EXTENSIONS_DIR"] = str(tmp_path / "torch_extensions")
+    proc = subprocess.run([sys.executable, "-c", _FRESH_BUILD.format(before=before)], env=env, capture_output=True,
+                          text=True, timeout=900, cwd=Path(__file__).resolve().parents[2])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert not [w for w in result["warnings"] if "did not build" in w], result["warnings"]
+    assert result["built"] and result["exact"]
+    assert result["name"] == B.extension_name()
+    assert result["setuptools_use_distutils"] is None  # the work-around must not leak into the environment

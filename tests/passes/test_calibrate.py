@@ -5,6 +5,7 @@ from tests.passes._util import apply, pipeline_until
 from zqhero_fx.errors import CalibrationError
 from zqhero_fx.passes._graph import LINEAR
 from zqhero_fx.passes.calibrate import calibrate
+from zqhero_fx.passes.state import state
 
 
 def test_ranges_are_per_feature_absmax_over_all_batches(bert_traced, bert_calibration):
@@ -19,7 +20,7 @@ def test_ranges_are_per_feature_absmax_over_all_batches(bert_traced, bert_calibr
             model(**b)
     hook.remove()
     expected = torch.stack([s.abs().reshape(-1, s.shape[-1]).amax(0) for s in seen]).amax(0)
-    torch.testing.assert_close(fc2.args[0].meta["zq_range"], expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(state(fc2.args[0]).range, expected, rtol=1e-5, atol=1e-6)
     assert gm.meta["zqhero"]["calibration_batches"] == len(bert_calibration)
 
 
@@ -29,9 +30,9 @@ def test_percentile_is_below_absmax(bert_traced, bert_calibration):
     absmax = apply(__import__("copy").deepcopy(gm), lambda g: calibrate(g, batches), "calibrate")
     pct = apply(gm, lambda g: calibrate(g, batches, method="percentile", percentile=99.0), "calibrate")
     for a, p in zip(absmax.graph.nodes, pct.graph.nodes):
-        if "zq_range" in a.meta:
-            assert (p.meta["zq_range"] <= a.meta["zq_range"] + 1e-6).all()
-            assert (p.meta["zq_range"] < a.meta["zq_range"]).any()
+        if state(a).range is not None:
+            assert (state(p).range <= state(a).range + 1e-6).all()
+            assert (state(p).range < state(a).range).any()
             break
 
 

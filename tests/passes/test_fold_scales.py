@@ -7,7 +7,9 @@ from zqhero_fx.capture import flatten_inputs
 from zqhero_fx.errors import FoldError
 from zqhero_fx.kernels import use_kernels
 from zqhero_fx.passes._graph import LINEAR, aten, param_of, zq
+from zqhero_fx.formats import Scheme
 from zqhero_fx.passes.fold_scales import check_fold, fold_scales
+from zqhero_fx.passes.state import state
 
 
 def _non_unit_static_scales(gm):
@@ -26,7 +28,7 @@ def test_folds_leave_unit_scales_and_keep_the_function(bert_traced, bert_calibra
     before, fold, _ = pipeline_until(gm, "M3", bert_calibration, "fold_scales")
     after = apply(__import__("copy").deepcopy(before), fold, "fold_scales")
     # F1: every FWQ GEMM input dequantizes with scale 1; F2: Q/K/V quantize with scale 1; F3/F4 the attention's too.
-    fwq = [n for n in after.graph.nodes if n.target is LINEAR and n.meta.get("zq_scheme") == "fwq"]
+    fwq = [n for n in after.graph.nodes if n.target is LINEAR and state(n).scheme is Scheme.FWQ]
     assert len(fwq) == 4 and all(float(param_of(after, n.args[0].args[1])) == 1.0 for n in fwq)
     left = [n for n in _non_unit_static_scales(after) if n.args[0].op != "get_attr"]  # not embedding tables
     # Only the FC1 epilogue quantize (after a GeLU nothing folds) and the attention-output requantization stay scaled.

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.metadata
 import importlib.util
 import json
 import os
@@ -368,7 +369,14 @@ def is_cached(asset: Asset, cache: Path | str | None = None) -> bool:
 
 
 def _pip_available() -> bool:
-    return importlib.util.find_spec("pip") is not None
+    # Asked through the installed distributions, not importlib.util.find_spec("pip"): on Python < 3.12, setuptools'
+    # distutils shim sees a lookup of "pip" and disables itself for the rest of the process, after which the first
+    # C++ extension build (the CPU kernels) fails its distutils assertion.
+    try:
+        importlib.metadata.distribution("pip")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
 
 
 def _hint(dist: Distribution) -> str:

@@ -107,16 +107,18 @@ def parse_modes(text: str) -> list[str]:
 
 
 def parse_override(text: str) -> tuple[str, str]:
-    """'encoder.layer.5.*=fp16' -> ('encoder.layer.5.*', 'fp16')."""
-    from zqhero_fx.modes import PRECISIONS
+    """'encoder.layer.5.*=fp16' -> ('encoder.layer.5.*', 'fp16'); the precision is a float dtype or an 8-bit format."""
+    from zqhero_fx.modes import FLOAT_PRECISIONS, resolve_overrides
 
     pattern, sep, precision = str(text).rpartition("=")
     pattern, precision = pattern.strip(), precision.strip().lower()
     if not sep or not pattern or not precision:
         raise ConfigError(f"bad override {text!r}: write GLOB=PRECISION, e.g. 'encoder.layer.5.*=fp16' "
-                          f"(precision one of {', '.join(PRECISIONS)})")
-    if precision not in PRECISIONS:
-        raise ConfigError(f"bad override {text!r}: precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+                          f"(precision one of {', '.join(FLOAT_PRECISIONS)} or an 8-bit format such as int8, fp8)")
+    try:
+        (pattern, precision), = resolve_overrides({pattern: precision}).items()
+    except ConfigError as error:
+        raise ConfigError(f"bad override {text!r}: {error}") from None
     return pattern, precision
 
 

@@ -1,26 +1,20 @@
-"""The zqhero op library: each file holds an op's PyTorch reference (the spec), its Triton kernel and launcher, and its
-`torch.library` registration under `torch.ops.zqhero`. Importing this package registers every op."""
+"""The kernels behind the zqhero IR (zqhero_fx/ops.py): each file holds an op's PyTorch reference (the spec), its
+Triton kernel and launcher, and registers them (plus any fast CPU kernel) in the dispatch table (zqhero_fx/dispatch.py).
+Importing this package registers every op's kernels; the ops import it on their first call."""
 
-from zqhero_fx.kernels import (  # noqa: F401  (imported to register the ops)
-    embedding_layer_norm_quant,
-    int8_attention,
-    int8_linear,
-    layer_norm_quant,
+from zqhero_fx import ops  # noqa: F401  (the schemas the kernels implement)
+from zqhero_fx.dispatch import KERNELS, kernel_choice, use_kernels
+from zqhero_fx.kernels import (  # noqa: F401  (imported to register the kernels)
+    embedding_norm_quant,
+    norm_quant,
     quantize,
+    quantized_attention,
     quantized_embedding,
+    quantized_linear,
     vnni_cpu,
 )
-from zqhero_fx.kernels._select import kernel_choice, use_kernels
 
-OPS = {
-    "quantize_per_token": quantize.quantize_per_token_ref,
-    "quantize": quantize.quantize_ref,
-    "dequantize": quantize.dequantize_ref,
-    "layer_norm_quant": layer_norm_quant.layer_norm_quant_ref,
-    "int8_linear": int8_linear.int8_linear_ref,
-    "int8_attention": int8_attention.int8_attention_ref,
-    "quantized_embedding": quantized_embedding.quantized_embedding_ref,
-    "embedding_layer_norm_quant": embedding_layer_norm_quant.embedding_layer_norm_quant_ref,
-}
+# op name -> its PyTorch reference (the spec every kernel is tested against)
+REFERENCES = {name: spec.reference for name, spec in KERNELS.items()}
 
-__all__ = ["OPS", "kernel_choice", "use_kernels"]
+__all__ = ["REFERENCES", "kernel_choice", "use_kernels"]

@@ -1,8 +1,11 @@
-"""Quantize / dequantize primitives: symmetric INT8 in [-127, 127], no zero point.
+"""Quantize / dequantize kernels for the 8-bit activation formats (INT8 symmetric in [-127, 127]; FP8 E4M3/E5M2).
 
-`quantize_per_token` is TWQ (one dynamic scale per row, absmax/127); `quantize` is the static form (FWQ when the scale
-has one entry per feature, SQ when it is a scalar); `dequantize` multiplies back. Scales never fall below MIN_SCALE, so
-all-zero rows and zero-range channels quantize to 0 instead of dividing by zero; values past a static range saturate.
+`quantize_per_token` is TWQ (one dynamic scale per row, absmax / the format's max); `quantize` is the static form (FWQ
+when the scale has one entry per feature, SQ when it is a scalar); `dequantize` multiplies back. The references are the
+formats' own (zqhero_fx/formats.py). Scales never fall below MIN_SCALE, so all-zero rows and zero-range channels
+quantize to 0 instead of dividing by zero; values past a static range saturate. The Triton kernels cover INT8, FP8 E4M3
+and FP8 E5M2 (one kernel each op; the output / input pointer's element type picks the format), bit-exact against the
+references: IEEE division, and FP8 rounding done in integer arithmetic (`round_to_fp8_grid`), not by the cast.
 """
 
 from __future__ import annotations
@@ -11,43 +14,35 @@ import torch
 import triton
 import triton.language as tl
 
-from zqhero_fx.kernels._select import wants_triton
+from zqhero_fx import dispatch
+from zqhero_fx.formats import INT8, MIN_SCALE, format_of_dtype
 from zqhero_fx.kernels._triton_common import (
     MIN_SCALE_F,
-    QMAX_F,
     as_rows,
     cast_rne,
     device_guard,
-    quantize_int8,
+    per_token_scale,
+    quantize_to,
+    triton_takes_format,
 )
 
-QMAX = 127
-MIN_SCALE = 1e-8
+QMAX = int(INT8.max_value)
 
 
 # ---------------------------------------------------------------- reference (the spec)
-def quantize_per_token_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    x32 = x.float()
-    scale = (x32.abs().amax(dim=-1, keepdim=True) / QMAX).clamp_min(MIN_SCALE)
-    q = torch.round(x32 / scale).clamp(-QMAX, QMAX).to(torch.int8)
+def quantize_per_token_ref(x: torch.Tensor, dtype: torch.dtype = torch.int8) -> tuple[torch.Tensor, torch.Tensor]:
+    q, scale = format_of_dtype(dtype).quantize_per_token(x)
     # Contiguous like the fake implementations say: elementwise ops would otherwise keep a permuted input's strides
     # (CPU SDPA returns a transposed layout), and Inductor checks the strides of extern-call outputs.
     return q.contiguous(), scale.contiguous()
 
 
-def quantize_ref(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    q = torch.round(x.float() / scale.float().clamp_min(MIN_SCALE))
-    return q.clamp(-QMAX, QMAX).to(torch.int8).contiguous()
+def quantize_ref(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.int8) -> torch.Tensor:
+    return format_of_dtype(dtype).quantize(x, scale).contiguous()
 
 
 def dequantize_ref(q: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     return (q.float() * scale.float()).to(out_dtype).contiguous()
-
-
-def quantize_weight_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Offline weight quantization, one scale per output channel (row of an [N, K] weight)."""
-    q, scale = quantize_per_token_ref(weight)
-    return q.contiguous(), scale.reshape(-1).contiguous()
 
 
 # ---------------------------------------------------------------- Triton kernels
@@ -58,6 +53,8 @@ def _quantize_per_token_kernel(
     stride_xm, stride_xn, stride_qm,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE_PASS: tl.constexpr,
 ):
+    # The format is q's element type (int8, float8e4nv, float8e5): a compile-time constant.
+    Q_DTYPE: tl.constexpr = q_ptr.dtype.element_ty
     # BLOCK_M rows per program; int64 row offsets so row * stride cannot overflow on large activations.
     rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     row_mask = rows < n_rows
@@ -68,8 +65,8 @@ def _quantize_per_token_kernel(
         # The whole row fits one block: read it once, keep it in registers for both the absmax and the quantization.
         mask = row_mask[:, None] & (cols[None, :] < n_cols)
         x = tl.load(x_rows + cols[None, :] * stride_xn, mask=mask, other=0.0).to(tl.float32)
-        scale = tl.maximum(tl.math.div_rn(tl.max(tl.abs(x), axis=1), QMAX_F), MIN_SCALE_F)
-        tl.store(q_rows + cols[None, :], quantize_int8(x, scale[:, None]), mask=mask)
+        scale = per_token_scale(tl.max(tl.abs(x), axis=1), Q_DTYPE)
+        tl.store(q_rows + cols[None, :], quantize_to(x, scale[:, None], Q_DTYPE), mask=mask)
     else:
         # Rows wider than a register block: one sweep for the absmax, a second one (mostly L2 hits) to quantize.
         absmax = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -77,11 +74,11 @@ def _quantize_per_token_kernel(
             mask = row_mask[:, None] & ((start + cols)[None, :] < n_cols)
             x = tl.load(x_rows + (start + cols)[None, :] * stride_xn, mask=mask, other=0.0).to(tl.float32)
             absmax = tl.maximum(absmax, tl.max(tl.abs(x), axis=1))
-        scale = tl.maximum(tl.math.div_rn(absmax, QMAX_F), MIN_SCALE_F)
+        scale = per_token_scale(absmax, Q_DTYPE)
         for start in range(0, n_cols, BLOCK_N):
             mask = row_mask[:, None] & ((start + cols)[None, :] < n_cols)
             x = tl.load(x_rows + (start + cols)[None, :] * stride_xn, mask=mask, other=0.0).to(tl.float32)
-            tl.store(q_rows + (start + cols)[None, :], quantize_int8(x, scale[:, None]), mask=mask)
+            tl.store(q_rows + (start + cols)[None, :], quantize_to(x, scale[:, None], Q_DTYPE), mask=mask)
     tl.store(scale_ptr + rows, scale, mask=row_mask)
 
 
@@ -100,7 +97,7 @@ def _quantize_kernel(
     scale = tl.load(scale_ptr + rows[:, None] * stride_sm + cols[None, :] * stride_sn, mask=mask, other=1.0)
     # Same floor as the reference, so a zero-range channel (scale 0) quantizes to 0 instead of dividing by zero.
     scale = tl.maximum(scale.to(tl.float32), MIN_SCALE_F)
-    q = quantize_int8(x.to(tl.float32), scale)
+    q = quantize_to(x.to(tl.float32), scale, q_ptr.dtype.element_ty)
     tl.store(q_ptr + rows[:, None] * stride_qm + cols[None, :], q, mask=mask)
 
 
@@ -111,11 +108,13 @@ def _dequantize_kernel(
     stride_qm, stride_qn, stride_sm, stride_sn, stride_om,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    # q and scale both arrive as broadcast views of the output shape, so either may carry the broadcast.
+    # q and scale both arrive as broadcast views of the output shape, so either may carry the broadcast. Loading an
+    # int8 or float8 code and widening it to fp32 is exact (FP8 NaN / inf codes aside under the interpreter, which
+    # decodes them as finite numbers; the GPU does not).
     rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
-    q = tl.load(q_ptr + rows[:, None] * stride_qm + cols[None, :] * stride_qn, mask=mask, other=0)
+    q = tl.load(q_ptr + rows[:, None] * stride_qm + cols[None, :] * stride_qn, mask=mask, other=0.0)
     scale = tl.load(scale_ptr + rows[:, None] * stride_sm + cols[None, :] * stride_sn, mask=mask, other=0.0)
     out = q.to(tl.float32) * scale.to(tl.float32)
     tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], cast_rne(out, out_ptr.dtype.element_ty), mask=mask)
@@ -137,8 +136,8 @@ def elementwise_blocks(n_cols: int, max_block_n: int = 1024) -> tuple[int, int, 
     return block_m, block_n, num_warps
 
 
-def quantize_per_token_triton(x):
-    out_q = torch.empty(x.shape, dtype=torch.int8, device=x.device)
+def quantize_per_token_triton(x, dtype=torch.int8):
+    out_q = torch.empty(x.shape, dtype=dtype, device=x.device)
     out_scale = torch.empty((*x.shape[:-1], 1), dtype=torch.float32, device=x.device)
     if x.numel() == 0:
         # Nothing to reduce: rows of width 0 get the floor scale, like an all-zero row.
@@ -161,8 +160,8 @@ def quantize_per_token_triton(x):
     return out_q, out_scale
 
 
-def quantize_triton(x, scale):
-    out_q = torch.empty(x.shape, dtype=torch.int8, device=x.device)
+def quantize_triton(x, scale, dtype=torch.int8):
+    out_q = torch.empty(x.shape, dtype=dtype, device=x.device)
     if x.numel() == 0:
         return out_q
     x2, stride_xm, stride_xn = as_rows(x, x.shape)
@@ -201,39 +200,18 @@ def dequantize_triton(q, scale, out_dtype):
 
 
 # ---------------------------------------------------------------- registration
-@torch.library.custom_op("zqhero::quantize_per_token", mutates_args=())
-def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """TWQ: int8 values and a float32 scale of shape x.shape[:-1] + (1,)."""
-    if wants_triton(x):
-        return quantize_per_token_triton(x)
-    return quantize_per_token_ref(x)
+def _quantized_out(x, *rest) -> bool:
+    """The output dtype (the last argument) is one the kernels write: int8, or float8 on sm_89+ / the interpreter."""
+    return isinstance(rest[-1], torch.dtype) and triton_takes_format(rest[-1], x.device)
 
 
-@quantize_per_token.register_fake
-def _(x):
-    return x.new_empty(x.shape, dtype=torch.int8), x.new_empty((*x.shape[:-1], 1), dtype=torch.float32)
+def _dequantize_takes(q, *rest) -> bool:
+    return triton_takes_format(q.dtype, q.device)
 
 
-@torch.library.custom_op("zqhero::quantize", mutates_args=())
-def quantize(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """Static quantization; `scale` broadcasts against x (a scalar [1] for SQ, per feature for FWQ)."""
-    if wants_triton(x):
-        return quantize_triton(x, scale)
-    return quantize_ref(x, scale)
-
-
-@quantize.register_fake
-def _(x, scale):
-    return x.new_empty(x.shape, dtype=torch.int8)
-
-
-@torch.library.custom_op("zqhero::dequantize", mutates_args=())
-def dequantize(q: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    if wants_triton(q):
-        return dequantize_triton(q, scale, out_dtype)
-    return dequantize_ref(q, scale, out_dtype)
-
-
-@dequantize.register_fake
-def _(q, scale, out_dtype=torch.float32):
-    return q.new_empty(torch.broadcast_shapes(q.shape, scale.shape), dtype=out_dtype)
+dispatch.register("quantize_per_token", dispatch.KernelSpec(
+    reference=quantize_per_token_ref, triton=quantize_per_token_triton, triton_applies=_quantized_out))
+dispatch.register("quantize", dispatch.KernelSpec(
+    reference=quantize_ref, triton=quantize_triton, triton_applies=_quantized_out))
+dispatch.register("dequantize", dispatch.KernelSpec(
+    reference=dequantize_ref, triton=dequantize_triton, triton_applies=_dequantize_takes))

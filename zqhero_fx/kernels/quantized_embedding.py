@@ -1,6 +1,8 @@
-"""Static INT8 embedding table: gather int8 rows and dequantize with their scale.
+"""Static quantized embedding table: gather quantized rows and dequantize with their scale.
 
-`table_q` is [V, D] int8 and `scale` is [V, 1] (one static scale per row) or [1] (one per table, SQ).
+`table_q` is [V, D] in a quantized format (int8, float8) and `scale` is [V, 1] (one static scale per row) or [1] (one
+per table, SQ). The Triton kernel takes INT8, FP8 E4M3 and FP8 E5M2 tables (FP8 on sm_89+ on a GPU): widening a code to
+fp32 is exact, so it is bit-exact against the reference.
 """
 
 from __future__ import annotations
@@ -9,8 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
-from zqhero_fx.kernels._select import wants_triton
-from zqhero_fx.kernels._triton_common import cast_rne, device_guard, row_scale_operand
+from zqhero_fx import dispatch
+from zqhero_fx.kernels._triton_common import cast_rne, device_guard, row_scale_operand, triton_takes_format
 
 
 # ---------------------------------------------------------------- reference (the spec)
@@ -43,8 +45,8 @@ def _quantized_embedding_kernel(
     tl.device_assert(idx_valid | ~tok_valid, "quantized_embedding: index out of range")
     tok_valid = tok_valid & idx_valid
     mask = mask & idx_valid[:, None]
-    # Gather the int8 rows and their scale (stride_sv = 0 for one scale per table), dequantize in fp32.
-    rows = tl.load(table_ptr + idx[:, None] * stride_tv + cols[None, :] * stride_td, mask=mask, other=0)
+    # Gather the quantized rows (int8 or float8 codes) and their scale (stride_sv = 0 for one scale per table), dequantize in fp32.
+    rows = tl.load(table_ptr + idx[:, None] * stride_tv + cols[None, :] * stride_td, mask=mask, other=0.0)
     scale = tl.load(scale_ptr + idx * stride_sv, mask=tok_valid, other=0.0).to(tl.float32)
     out = rows.to(tl.float32) * scale[:, None]
     out_ptrs = out_ptr + toks[:, None].to(tl.int64) * dim + cols[None, :]
@@ -76,15 +78,6 @@ def quantized_embedding_triton(indices, table_q, scale, out_dtype):
 
 
 # ---------------------------------------------------------------- registration
-@torch.library.custom_op("zqhero::quantized_embedding", mutates_args=())
-def quantized_embedding(
-    indices: torch.Tensor, table_q: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype
-) -> torch.Tensor:
-    if wants_triton(table_q):
-        return quantized_embedding_triton(indices, table_q, scale, out_dtype)
-    return quantized_embedding_ref(indices, table_q, scale, out_dtype)
-
-
-@quantized_embedding.register_fake
-def _(indices, table_q, scale, out_dtype):
-    return table_q.new_empty((*indices.shape, table_q.shape[1]), dtype=out_dtype)
+dispatch.register("quantized_embedding", dispatch.KernelSpec(
+    reference=quantized_embedding_ref, triton=quantized_embedding_triton,
+    triton_applies=lambda indices, table_q, *rest: triton_takes_format(table_q.dtype, table_q.device)))

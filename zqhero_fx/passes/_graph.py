@@ -8,6 +8,8 @@ import networkx as nx
 import torch
 import torch.fx as fx
 
+from zqhero_fx import ops  # noqa: F401  (registers torch.ops.zqhero.*, the IR the passes emit)
+
 aten = torch.ops.aten
 zq = torch.ops.zqhero
 
@@ -15,6 +17,7 @@ zq = torch.ops.zqhero
 LINEAR = aten.linear.default
 MATMUL = aten.matmul.default
 LAYER_NORM = aten.layer_norm.default
+RMS_NORM = aten.rms_norm.default
 SOFTMAX = aten.softmax.int
 GELU = aten.gelu.default
 EMBEDDING = aten.embedding.default
@@ -31,6 +34,8 @@ LAYOUT_OPS = {
     aten.contiguous.default,
     aten.clone.default,
     aten.alias.default,
+    aten.expand.default,  # GQA's repeat_kv: unsqueeze -> expand -> reshape
+    aten.unsqueeze.default,
 }
 
 
@@ -108,9 +113,9 @@ def module_path(node: fx.Node) -> str:
     Parameters name their module reliably whatever the front end, so ops that own weights use them; other nodes use
     the innermost entry of torch.export / Dynamo's `nn_module_stack`.
     """
-    path = node.meta.get("zq_module_path")
-    if path is not None:
-        return path
+    record = node.meta.get("zq")
+    if record is not None and record.module_path is not None:
+        return record.module_path
     stack = node.meta.get("nn_module_stack")
     if stack:
         fqn = list(stack.values())[-1][0]

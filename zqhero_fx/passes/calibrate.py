@@ -1,6 +1,6 @@
 """calibrate: run the float graph on the calibration inputs (an fx Interpreter with observers) and record, for every
 tensor that feeds or leaves a GEMM or attention node, its per-feature range (absmax, or a percentile of |x| averaged over
-batches) in node.meta["zq_range"] (float32 [last dim]). Keeps a few rows of the first batch in gm.meta for the fold
+batches) in state(node).range (float32 [last dim]). Keeps a few rows of the first batch in gm.meta for the fold
 checks and the error report. NaN/Inf activations raise CalibrationError naming the node and the batch.
 """
 
@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from zqhero_fx.errors import CalibrationError
 from zqhero_fx.passes._graph import ATTENTION, LINEAR, MATMUL, is_float_tensor, is_op, module_path, through_layout
+from zqhero_fx.passes.state import state as node_state
 
 SAMPLE_ROWS = 64  # rows kept per observed tensor for the fold checks
 PERCENTILE_MAX_ROWS = 1 << 14  # rows of one batch a percentile looks at (torch.quantile's input limit)
@@ -94,7 +95,7 @@ def calibrate(gm: fx.GraphModule, batches: list, method: str = "absmax", percent
     observer, count = run_observed(gm, batches, [n.name for n in watch], method, percentile)
     for node in watch:
         if node.name in observer.ranges:
-            node.meta["zq_range"] = observer.ranges[node.name]
+            node_state(node).range = observer.ranges[node.name]
     state["samples"] = observer.samples
     state["calibration_batches"] = count
     return gm

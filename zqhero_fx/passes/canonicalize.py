@@ -1,7 +1,10 @@
 """canonicalize: one spelling of the graph whatever the front end (torch.export aten graphs, symbolic_trace and Dynamo
 torch-level graphs): linear, matmul, layer_norm, softmax, gelu, embedding, add and attention become the aten ops named
 in passes/_graph.py, parameters become get_attr nodes, eval-mode dropout disappears, and the eager attention chain
-matmul(q, kᵀ) [·scale] [+mask] → softmax → matmul(·, v) becomes one scaled_dot_product_attention node.
+matmul(q, kᵀ) [·scale] [+mask] → softmax → matmul(·, v) becomes one scaled_dot_product_attention node. Model-family
+spellings become one op each: RMSNorm written out (Llama, Qwen2, Mistral, Phi-3, T5; Gemma's (1 + w)) becomes
+aten.rms_norm, GPT-2's Conv1D addmm and matmul-with-a-weight become aten.linear, the tanh-GeLU polynomial
+(GPT-2's gelu_new) becomes aten.gelu(approximate="tanh").
 Needs node.meta["val"]; ops it does not know stay as they are (and stay in floating point).
 """
 
@@ -22,12 +25,14 @@ from zqhero_fx.passes._graph import (
     LAYER_NORM,
     LINEAR,
     MATMUL,
+    RMS_NORM,
     SOFTMAX,
     aten,
     eliminate_dead_code,
     fetch_attr,
     is_float_tensor,
     is_op,
+    param_of,
     val,
 )
 
@@ -40,6 +45,13 @@ _ADD_FNS = {operator.add, torch.add, torch.Tensor.add}
 _EMBEDDING_FNS = {F.embedding}
 _DROPOUT_FNS = {F.dropout, torch.dropout, torch.nn.functional.dropout}
 _ATTENTION_FNS = {F.scaled_dot_product_attention}
+# Activations by any spelling (function, Tensor method name, module class) -> one aten op each.
+_ACTIVATIONS = {
+    aten.relu.default: ({F.relu, torch.relu}, "relu", nn.ReLU),
+    aten.silu.default: ({F.silu}, None, nn.SiLU),
+    aten.tanh.default: ({torch.tanh, F.tanh}, "tanh", nn.Tanh),
+    aten.sigmoid.default: ({torch.sigmoid, F.sigmoid}, "sigmoid", nn.Sigmoid),
+}
 
 
 def _arg(node: fx.Node, index: int, name: str, default=None):
@@ -69,6 +81,9 @@ def _module_call(gm: fx.GraphModule, node: fx.Node):
         return EMBEDDING, (_weight(gm, node.target, "weight", node), x, pad), {}
     if isinstance(mod, nn.GELU):
         return GELU, (x,), {"approximate": mod.approximate}
+    for target, (_, _, module_class) in _ACTIVATIONS.items():
+        if isinstance(mod, module_class) and not getattr(mod, "inplace", False):
+            return target, (x,), {}
     if isinstance(mod, nn.Softmax) and mod.dim is not None:
         return SOFTMAX, (x, mod.dim), {}
     if isinstance(mod, nn.Identity) or (isinstance(mod, nn.Dropout) and not mod.training):
@@ -111,6 +126,9 @@ def _function_call(node: fx.Node):
                             _arg(node, 3, "bias"), _arg(node, 4, "eps", 1e-5), False), {}
     if fn in _GELU_FNS:
         return GELU, (x,), {"approximate": _arg(node, 1, "approximate", "none")}
+    for target, (fns, method, _) in _ACTIVATIONS.items():
+        if (fn in fns or (method is not None and name == method)) and len(node.args) == 1 and not node.kwargs:
+            return target, (x,), {}
     if (fn in _SOFTMAX_FNS or name == "softmax") and _arg(node, 2, "dtype") is None:
         dim = _arg(node, 1, "dim")
         return (SOFTMAX, (x, dim), {}) if isinstance(dim, int) else None
@@ -210,15 +228,178 @@ def _fuse_eager_attention(gm: fx.GraphModule) -> None:
             attn = gm.graph.call_function(ATTENTION, (q, k, v), {
                 "attn_mask": mask, "dropout_p": 0.0, "is_causal": False, "scale": scale})
         attn.meta = dict(pv.meta)
-        attn.meta["zq_fused_from"] = "eager attention"
         pv.replace_all_uses_with(attn)
         for dead in (pv, softmax):
             gm.graph.erase_node(dead)
+
+
+# ---------------------------------------------------------------- model-family spellings
+_CASTS = (aten._to_copy.default, aten.to.dtype, aten.type_as.default)
+
+
+def _drop_checks_and_noop_casts(gm: fx.GraphModule) -> None:
+    """Export's dtype/device assertions (`_assert_tensor_metadata`) and casts to the dtype a value already has: they
+    compute nothing, and as extra users they would hide every pattern behind them (RMSNorm's `.to(float32)`)."""
+    for node in list(gm.graph.nodes):
+        if is_op(node, aten._assert_tensor_metadata.default):
+            gm.graph.erase_node(node)
+        elif is_op(node, *_CASTS) and isinstance(node.args[0], fx.Node) and node.args[0].op != "placeholder":
+            before, after = val(node.args[0]), val(node)
+            output_user = any(u.op == "output" for u in node.users)
+            if before is not None and after is not None and before.dtype == after.dtype \
+                    and before.device == after.device and not output_user:
+                node.replace_all_uses_with(node.args[0])
+                gm.graph.erase_node(node)
+
+
+def _uncast(node):
+    """The value under float-to-float casts (`.to(float32)`, `.type_as(x)`), which change no value in an fp32 graph
+    and only round in a half-precision one."""
+    while is_op(node, *_CASTS) and isinstance(node.args[0], fx.Node) and is_float_tensor(node.args[0]):
+        node = node.args[0]
+    return node
+
+
+def _scalar(node, value, tol=1e-6) -> bool:
+    return isinstance(node, (int, float)) and abs(float(node) - value) <= tol * max(1.0, abs(value))
+
+
+def _other(binary: fx.Node, this):
+    a, b = binary.args[:2]
+    return b if a is this else a if b is this else None
+
+
+def _register_weight(gm: fx.GraphModule, like: str, suffix: str, tensor: torch.Tensor, before: fx.Node) -> fx.Node:
+    """A new constant beside the parameter it derives from (`<module>.<suffix>`), so module paths still name it."""
+    owner_path, _, _ = like.rpartition(".")
+    owner = gm.get_submodule(owner_path) if owner_path else gm
+    name = suffix
+    while hasattr(owner, name):
+        name += "_"
+    owner.register_buffer(name, tensor.detach().contiguous())
+    with gm.graph.inserting_before(before):
+        node = gm.graph.get_attr(f"{owner_path}.{name}" if owner_path else name)
+    node.meta["val"] = tensor
+    return node
+
+
+def _rms_core(rsqrt: fx.Node):
+    """(x, eps, normed) for normed = x32 * rsqrt(mean(x32², -1, keepdim) + eps), x32 = x or a float cast of it."""
+    add = rsqrt.args[0]
+    if not is_op(add, aten.add.Tensor, aten.add.Scalar) or not isinstance(add.args[1], (int, float)):
+        return None
+    mean = add.args[0]
+    if not is_op(mean, aten.mean.dim) or len(mean.args) < 3 or list(mean.args[1]) not in ([-1], [val(mean).dim() - 1]) \
+            or not mean.args[2]:
+        return None
+    square = mean.args[0]
+    if not is_op(square, aten.pow.Tensor_Scalar) or not _scalar(square.args[1], 2.0):
+        return None
+    x = _uncast(square.args[0])
+    for user in rsqrt.users:
+        if is_op(user, aten.mul.Tensor) and isinstance(_other(user, rsqrt), fx.Node) and _uncast(_other(user, rsqrt)) is x:
+            return x, float(add.args[1]), user
+    return None
+
+
+def _fuse_rms_norms(gm: fx.GraphModule) -> None:
+    for rsqrt in [n for n in gm.graph.nodes if is_op(n, aten.rsqrt.default)]:
+        core = _rms_core(rsqrt)
+        if core is None:
+            continue
+        x, eps, normed = core
+        out = normed
+        while len(out.users) == 1 and is_op(next(iter(out.users)), *_CASTS):
+            out = next(iter(out.users))
+        if len(out.users) != 1:
+            continue
+        scale = next(iter(out.users))
+        if not is_op(scale, aten.mul.Tensor):
+            continue
+        weight = _other(scale, out)
+        tensor = param_of(gm, _uncast(weight)) if isinstance(weight, fx.Node) else None
+        one_plus = None
+        if tensor is None and is_op(weight, aten.add.Tensor, aten.add.Scalar):  # Gemma: x̂ · (1 + w)
+            one_plus = weight
+            w_node = _uncast(next((a for a in weight.args if isinstance(a, fx.Node)), None))
+            if _scalar(_other(weight, weight.args[0] if isinstance(weight.args[0], fx.Node) else weight.args[1]), 1.0):
+                tensor = param_of(gm, w_node)
+        if tensor is None or tensor.dim() != 1 or val(x) is None or str(val(x).shape[-1]) != str(tensor.shape[0]):
+            continue
+        weight_node = _uncast(weight) if one_plus is None else _uncast(next(a for a in one_plus.args
+                                                                           if isinstance(a, fx.Node)))
+        if one_plus is not None:
+            weight_node = _register_weight(gm, weight_node.target, "weight_plus_one", 1.0 + tensor.float(), rsqrt)
+        with gm.graph.inserting_before(scale):
+            fused = gm.graph.call_function(RMS_NORM, (x, [int(tensor.shape[0])], weight_node, eps))
+        fused.meta = dict(scale.meta)
+        scale.replace_all_uses_with(fused)
+
+
+def _conv1d_as_linear(gm: fx.GraphModule) -> None:
+    """addmm(b, x.view(-1, K), W[K, N]).view(*lead, N) => linear(x, Wᵀ, b): GPT-2's Conv1D, and any addmm or
+    matmul against a 2-D weight, as one linear on the unflattened input."""
+    for node in list(gm.graph.nodes):
+        if is_op(node, aten.addmm.default) and len(node.args) == 3 and not node.kwargs:
+            bias, x, w = node.args
+        elif is_op(node, aten.mm.default, MATMUL) and len(node.args) == 2:
+            bias, (x, w) = None, node.args
+        else:
+            continue
+        weight = param_of(gm, w)
+        if weight is None or weight.dim() != 2 or (bias is not None and param_of(gm, bias) is None):
+            continue
+        new_weight = _register_weight(gm, w.target, w.target.rpartition(".")[2] + "_nk", weight.t(), node)
+        source, result = x, node
+        if is_op(x, aten.view.default, aten.reshape.default) and len(node.users) == 1:
+            flat_user = next(iter(node.users))
+            if is_op(flat_user, aten.view.default, aten.reshape.default) and val(x.args[0]) is not None \
+                    and val(flat_user) is not None \
+                    and [str(d) for d in val(flat_user).shape[:-1]] == [str(d) for d in val(x.args[0]).shape[:-1]]:
+                source, result = x.args[0], flat_user
+        with gm.graph.inserting_before(result):
+            linear = gm.graph.call_function(LINEAR, (source, new_weight, bias))
+        linear.meta = dict(result.meta)
+        result.replace_all_uses_with(linear)
+
+
+def _tanh_gelus(gm: fx.GraphModule) -> None:
+    """0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))) => gelu(x, approximate="tanh")."""
+    for tanh in [n for n in gm.graph.nodes if is_op(n, aten.tanh.default)]:
+        inner = tanh.args[0]
+        if not is_op(inner, aten.mul.Tensor) or not _scalar(inner.args[1], 0.7978845608028654, 1e-4):
+            continue
+        poly = inner.args[0]
+        if not is_op(poly, aten.add.Tensor):
+            continue
+        x = next((a for a in poly.args if isinstance(a, fx.Node) and not is_op(a, aten.mul.Tensor)), None)
+        cube = _other(poly, x) if x is not None else None
+        if not is_op(cube, aten.mul.Tensor) or not _scalar(cube.args[1], 0.044715, 1e-4) \
+                or not is_op(cube.args[0], aten.pow.Tensor_Scalar) or cube.args[0].args[0] is not x \
+                or not _scalar(cube.args[0].args[1], 3.0) or len(tanh.users) != 1:
+            continue
+        one_plus = next(iter(tanh.users))
+        if not is_op(one_plus, aten.add.Tensor, aten.add.Scalar) or not _scalar(_other(one_plus, tanh), 1.0) \
+                or len(one_plus.users) != 1:
+            continue
+        out = next(iter(one_plus.users))
+        half_x = _other(out, one_plus) if is_op(out, aten.mul.Tensor) else None
+        if not (is_op(half_x, aten.mul.Tensor) and half_x.args[0] is x and _scalar(half_x.args[1], 0.5)):
+            continue
+        with gm.graph.inserting_before(out):
+            gelu = gm.graph.call_function(GELU, (x,), {"approximate": "tanh"})
+        gelu.meta = dict(out.meta)
+        out.replace_all_uses_with(gelu)
 
 
 def canonicalize(gm: fx.GraphModule) -> fx.GraphModule:
     _rewrite_calls(gm)
     eliminate_dead_code(gm)
     _fuse_eager_attention(gm)
+    _drop_checks_and_noop_casts(gm)
+    _fuse_rms_norms(gm)
+    _conv1d_as_linear(gm)
+    _tanh_gelus(gm)
+    eliminate_dead_code(gm)
     return gm
 

@@ -1,6 +1,6 @@
 """classify: label every node memory-bound, compute-bound or free from its arithmetic intensity (FLOPs per byte moved,
 from the shapes and dtypes in node.meta["val"]) against the chosen device's ridge point for that dtype.
-Writes node.meta["zq_flops"], ["zq_bytes"], ["zq_bound"]; the dumps show them and insert_qdq picks schemes from them.
+Writes state.flops, .bytes, .bound (passes/state.py); the dumps show them.
 """
 
 from __future__ import annotations
@@ -11,7 +11,9 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
+from zqhero_fx.formats import is_quantized_dtype
 from zqhero_fx.passes._graph import ATTENTION, LAYOUT_OPS, LINEAR, MATMUL, aten, graph_view, is_op, val, zq
+from zqhero_fx.passes.state import state
 
 
 @dataclass(frozen=True)
@@ -24,7 +26,10 @@ class Device:
 
     def ridge(self, dtype: torch.dtype) -> float:
         """FLOPs per byte above which a kernel in this dtype is compute-bound."""
-        peak = {torch.int8: self.int8_tops, torch.float16: self.fp16_tflops, torch.bfloat16: self.fp16_tflops}
+        # 8-bit float formats run at the INT8 rate on the parts that have them (H100/H200 FP8 = INT8 dense peak).
+        if is_quantized_dtype(dtype):
+            return self.int8_tops / self.bandwidth_tbs
+        peak = {torch.float16: self.fp16_tflops, torch.bfloat16: self.fp16_tflops}
         return peak.get(dtype, self.fp32_tflops) / self.bandwidth_tbs
 
 
@@ -69,12 +74,12 @@ def cost(node: fx.Node) -> tuple[int, int]:
     outs = node.meta.get("val")
     outs = [o for o in (outs if isinstance(outs, (tuple, list)) else [outs]) if isinstance(o, torch.Tensor)]
     moved = sum(nbytes(t) for t in _tensors(node)) + sum(nbytes(o) for o in outs)
-    if is_op(node, LINEAR, zq.int8_linear.default):
-        x, w = val(node.args[0]), val(node.args[2] if is_op(node, zq.int8_linear.default) else node.args[1])
+    if is_op(node, LINEAR, zq.quantized_linear.default):
+        x, w = val(node.args[0]), val(node.args[2] if is_op(node, zq.quantized_linear.default) else node.args[1])
         return 2 * numel(x) * _hint(w.shape[0]), moved
     if is_op(node, MATMUL) and outs:
         return 2 * numel(outs[0]) * _hint(val(node.args[0]).shape[-1]), moved
-    if is_op(node, ATTENTION, zq.int8_attention.default) and outs:
+    if is_op(node, ATTENTION, zq.quantized_attention.default) and outs:
         q, k = val(node.args[0]), val(node.args[1])
         scores = numel(q) // _hint(q.shape[-1]) * _hint(k.shape[-2])
         # q.kᵀ and p.v are 2·D FLOPs per score each; softmax about 5 more. Flash-style: scores never reach memory.
@@ -84,8 +89,8 @@ def cost(node: fx.Node) -> tuple[int, int]:
 
 
 def _dtype(node: fx.Node) -> torch.dtype:
-    if is_op(node, zq.int8_linear.default, zq.int8_attention.default):
-        return torch.int8
+    if is_op(node, zq.quantized_linear.default, zq.quantized_attention.default):
+        return val(node.args[0]).dtype
     ins = _tensors(node)
     return ins[0].dtype if ins else torch.float32
 
@@ -94,11 +99,12 @@ def classify(gm: fx.GraphModule, device: str = "cpu") -> fx.GraphModule:
     spec = DEVICES[device]
     for node in gm.graph.nodes:
         flops, moved = cost(node)
-        node.meta["zq_flops"], node.meta["zq_bytes"] = flops, moved
+        record = state(node)
+        record.flops, record.bytes = flops, moved
         if moved == 0:
-            node.meta["zq_bound"] = "free"
+            record.bound = "free"
         else:
-            node.meta["zq_bound"] = "compute" if flops / moved >= spec.ridge(_dtype(node)) else "memory"
+            record.bound = "compute" if flops / moved >= spec.ridge(_dtype(node)) else "memory"
     gm.meta.setdefault("zqhero", {})["graph_view"] = graph_view(gm)
     return gm
 
@@ -107,10 +113,10 @@ def bound_summary(gm: fx.GraphModule) -> dict[str, dict[str, int]]:
     """FLOPs, bytes and node count per bound class: the roofline picture of the whole graph."""
     out: dict[str, dict[str, int]] = {}
     for node in gm.graph.nodes:
-        label = node.meta.get("zq_bound")
-        if label:
-            row = out.setdefault(label, {"nodes": 0, "flops": 0, "bytes": 0})
+        record = node.meta.get("zq")
+        if record is not None and record.bound:
+            row = out.setdefault(record.bound, {"nodes": 0, "flops": 0, "bytes": 0})
             row["nodes"] += 1
-            row["flops"] += node.meta["zq_flops"]
-            row["bytes"] += node.meta["zq_bytes"]
+            row["flops"] += record.flops
+            row["bytes"] += record.bytes
     return out

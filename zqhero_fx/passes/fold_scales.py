@@ -19,7 +19,9 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from zqhero_fx.errors import FoldError
+from zqhero_fx.formats import Scheme
 from zqhero_fx.passes._graph import ATTENTION, LINEAR, add_constant, attention_scale, aten, is_op, param_of, zq
+from zqhero_fx.passes.state import is_quantized, state
 
 FOLD_TOLERANCE = 1e-5
 UNIT_SCALE = "_zq_unit_scale"
@@ -66,7 +68,7 @@ def _sample(gm, name):
 def fold_input_scale(gm: fx.GraphModule, linear: fx.Node) -> bool:
     """F1: FWQ input scale into the rows of W (the K axis of an [N, K] weight)."""
     deq = linear.args[0]
-    if not is_op(deq, zq.dequantize.default) or linear.meta.get("zq_scheme") != "fwq":
+    if not is_op(deq, zq.dequantize.default) or state(linear).scheme is not Scheme.FWQ:
         return False
     s = _static_scale(gm, deq.args[1])
     weight = param_of(gm, linear.args[1])
@@ -74,7 +76,7 @@ def fold_input_scale(gm: fx.GraphModule, linear: fx.Node) -> bool:
         return False
     bias = param_of(gm, linear.args[2]) if len(linear.args) > 2 else None
     folded = weight * s.reshape(1, -1).to(weight.dtype)
-    x = _sample(gm, linear.meta.get("zq_input_sample"))
+    x = _sample(gm, state(linear).input_sample)
     if x is not None:
         check_fold("F1 (FWQ input into W rows)", linear, F.linear(x, weight, bias), F.linear(x / s, folded, bias))
     _set_weight(gm, linear, 1, folded, "weight_fwq")
@@ -85,7 +87,7 @@ def fold_input_scale(gm: fx.GraphModule, linear: fx.Node) -> bool:
 def fold_output_scale(gm: fx.GraphModule, quant: fx.Node) -> bool:
     """F2: a static output quantization scale t into the producing linear: W/t, b/t."""
     linear = quant.args[0]
-    if not is_op(linear, LINEAR) or len(linear.users) != 1 or linear.meta.get("zq_precision") != "int8":
+    if not is_op(linear, LINEAR) or len(linear.users) != 1 or not is_quantized(linear):
         return False
     t = _static_scale(gm, quant.args[1])
     weight = param_of(gm, linear.args[1])
@@ -97,21 +99,21 @@ def fold_output_scale(gm: fx.GraphModule, quant: fx.Node) -> bool:
     t_col = t.reshape(-1).to(weight.dtype)
     folded_w = weight / t_col.reshape(-1, 1)
     folded_b = None if bias is None else bias / t_col
-    x = _sample(gm, linear.meta.get("zq_input_sample"))
+    x = _sample(gm, state(linear).input_sample)
     if x is not None:
         check_fold("F2 (output scale into producer)", linear, F.linear(x, weight, bias) / t_col,
                    F.linear(x, folded_w, folded_b))
     _set_weight(gm, linear, 1, folded_w, "weight_out")
     if bias is not None:
         _set_weight(gm, linear, 2, folded_b, "bias_out")
-    quant.meta["zq_prefold_scale"] = t
+    state(quant).prefold_scale = t
     quant.replace_input_with(quant.args[1], _unit(gm, quant))
     return True
 
 
 def fold_attention_scales(gm: fx.GraphModule, attn: fx.Node) -> bool:
     """F3 + F4: Q/K scalars into the logit scale; V's per-feature scale into the output (quantize or multiply)."""
-    if attn.meta.get("zq_precision") != "int8" or not all(is_op(a, zq.dequantize.default) for a in attn.args[:3]):
+    if not is_quantized(attn) or not all(is_op(a, zq.dequantize.default) for a in attn.args[:3]):
         return False
     scales = [_static_scale(gm, a.args[1]) for a in attn.args[:3]]
     if any(s is None for s in scales) or scales[0].numel() != 1 or scales[1].numel() != 1:
@@ -121,11 +123,12 @@ def fold_attention_scales(gm: fx.GraphModule, attn: fx.Node) -> bool:
         return False
     softmax_scale = attention_scale(attn)
     new_scale = softmax_scale * float(s_q) * float(s_k)
-    samples = [_sample(gm, n) for n in attn.meta.get("zq_operand_samples", [])]
+    samples = [_sample(gm, n) for n in state(attn).operand_samples]
     if len(samples) == 3 and all(s is not None for s in samples):
         q, k, v = samples
-        before = F.scaled_dot_product_attention(q, k, v, scale=softmax_scale)
-        after = F.scaled_dot_product_attention(q / s_q, k / s_k, v / s_v, scale=new_scale) * s_v
+        gqa = q.dim() == 4 and k.shape[-3] != q.shape[-3]  # grouped-query attention: fewer K/V heads
+        before = F.scaled_dot_product_attention(q, k, v, scale=softmax_scale, enable_gqa=gqa)
+        after = F.scaled_dot_product_attention(q / s_q, k / s_k, v / s_v, scale=new_scale, enable_gqa=gqa) * s_v
         check_fold("F3/F4 (Q, K, V scales through attention)", attn, before, after)
     attn.update_kwarg("scale", new_scale)
     for deq in attn.args[:3]:
@@ -134,7 +137,7 @@ def fold_attention_scales(gm: fx.GraphModule, attn: fx.Node) -> bool:
     if len(users) == 1 and is_op(users[0], zq.quantize.default) and _static_scale(gm, users[0].args[1]) is not None:
         quant = users[0]
         r = _static_scale(gm, quant.args[1])
-        quant.meta["zq_prefold_scale"] = r
+        state(quant).prefold_scale = r
         quant.replace_input_with(quant.args[1], add_constant(gm, f"{attn.name}_out_scale", r / s_v, before=quant))
     elif not (s_v.numel() == 1 and float(s_v) == 1.0):
         with gm.graph.inserting_after(attn):

@@ -1,10 +1,14 @@
-"""insert_qdq: put zqhero.quantize / dequantize nodes around every site the mode turns INT8, honouring overrides.
+"""insert_qdq: put zqhero.quantize / dequantize nodes around every site the mode quantizes, honouring overrides, and
+write the coverage report: every GEMM, attention and embedding site with its precision, format, scheme, and the reason
+when it stays float.
 
-Schemes follow from the graph: a GEMM input produced by a memory-bound, row-reducing LayerNorm gets TWQ
-(quantize_per_token, later fused into LN^quant); a GEMM input produced by another GEMM or attention (through GeLU or
-head-merging layout ops) gets FWQ (static per-feature scale, later folded into the GEMM's weights); attention operands
-get SQ (V gets FWQ when its layout is a plain head split); embedding tables get static INT8. Weights of GEMMs stay float
-here: fold_scales still has to scale them. Postcondition: the graph runs and computes a fake-quantized model.
+Schemes follow from roles (passes/roles.py), not op identities: a GEMM input produced by a row-reducing norm gets TWQ
+(quantize_per_token, later fused into Norm^quant); one produced by GEMMs or attention through pass-through ops gets FWQ
+(static per-feature scale, later folded into the GEMM's weight); attention operands get SQ (V gets FWQ when its layout
+is a plain head split); embedding tables get static per-row scales. The format comes from the config (or a per-module
+override). Weights of GEMMs stay float here: fold_scales still has to scale them.
+Needs state.bound (classify) and state.range (calibrate). Postcondition: the graph runs and computes a fake-quantized
+model; gm.meta["zqhero"]["coverage"] holds the report.
 """
 
 from __future__ import annotations
@@ -15,16 +19,13 @@ import operator
 import torch
 import torch.fx as fx
 
+from zqhero_fx.coverage import Coverage
 from zqhero_fx.errors import ConfigError
-from zqhero_fx.kernels.quantize import MIN_SCALE, QMAX, quantize_per_token_ref
+from zqhero_fx.formats import Format, Scheme, get_format
 from zqhero_fx.modes import QuantConfig
 from zqhero_fx.passes._graph import (
     ATTENTION,
     EMBEDDING,
-    GELU,
-    LAYER_NORM,
-    LINEAR,
-    MATMUL,
     add_constant,
     aten,
     is_float_tensor,
@@ -36,8 +37,10 @@ from zqhero_fx.passes._graph import (
     weight_module_path,
     zq,
 )
+from zqhero_fx.passes.roles import Role, gemm_input_scheme, is_weight_gemm, norm_source, role
+from zqhero_fx.passes.state import state
 
-FLOAT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+FLOAT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 class Precisions:
@@ -47,8 +50,8 @@ class Precisions:
         self.overrides = overrides
         self.matched: set[str] = set()
 
-    def __call__(self, path: str) -> str:
-        chosen = "int8"
+    def __call__(self, path: str) -> str | None:
+        chosen = None
         for pattern, precision in self.overrides.items():
             if path and fnmatch.fnmatchcase(path, pattern):
                 chosen = precision
@@ -58,25 +61,21 @@ class Precisions:
     def check_all_matched(self, all_paths: set[str]) -> None:
         for pattern in self.overrides:
             if pattern not in self.matched and not any(fnmatch.fnmatchcase(p, pattern) for p in all_paths):
-                examples = ", ".join(sorted(p for p in all_paths if p)[:4])
+                examples = ", ".join(sorted(p for p in all_paths if p and not p.startswith("_"))[:4])
                 raise ConfigError(
                     f"override {pattern!r} matches no module in the graph (module paths look like: {examples})"
                 )
 
 
-def static_scale(value_range: torch.Tensor, per_feature: bool) -> torch.Tensor:
+def static_scale(value_range: torch.Tensor, per_feature: bool, fmt: Format) -> torch.Tensor:
     r = value_range.float() if per_feature else value_range.float().amax().reshape(1)
-    return (r / QMAX).clamp_min(MIN_SCALE)
+    return fmt.scale_for(r)
 
 
 def _call(gm, target, args, kwargs=None, *, after=None, before=None):
     ctx = gm.graph.inserting_after(after) if after is not None else gm.graph.inserting_before(before)
     with ctx:
         return gm.graph.call_function(target, tuple(args), kwargs or {})
-
-
-def _replace_input(user: fx.Node, old: fx.Node, new: fx.Node) -> None:
-    user.replace_input_with(old, new)
 
 
 def _is_head_merge(producer: fx.Node, chain: list[fx.Node], consumer_input: fx.Node) -> bool:
@@ -103,170 +102,232 @@ def _is_head_split(producer: fx.Node, chain: list[fx.Node], operand: fx.Node) ->
             and {d % 4 for d in transposes[0].args[1:3]} == {1, 2} and str(p.shape[-1]) == str(o.shape[1] * o.shape[3]))
 
 
-def input_scheme(linear: fx.Node) -> str | None:
-    """TWQ when a memory-bound LayerNorm (a row reduction) produces the GEMM input; FWQ when a GEMM or attention
-    (a compute-bound producer) does, directly, through GeLU, or through head-merging layout ops."""
-    x = linear.args[0]
-    producer, chain = through_layout(x)
-    if is_op(producer, LAYER_NORM) and not chain and producer.meta.get("zq_bound") == "memory":
-        return "twq"
-    if is_op(producer, GELU) and is_op(producer.args[0], LINEAR, MATMUL) and not chain:
-        return "fwq"
-    if is_op(producer, ATTENTION) and _is_head_merge(producer, chain, x):
-        return "fwq"
-    if is_op(producer, LINEAR, MATMUL) and not chain:
-        return "fwq"
-    return None
+def output_heads(gm: fx.GraphModule) -> set[fx.Node]:
+    """GEMMs whose result is a model output, reached through layout ops and casts only: an LM head, a classifier.
+    Their error lands unfiltered in what the user reads (logits), so they stay float unless the config says so."""
+    output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    heads = set()
+    for node in gm.graph.nodes:
+        if role(node) is not Role.GEMM:
+            continue
+        frontier, seen = [node], set()
+        while frontier:
+            n = frontier.pop()
+            if n in seen:
+                continue
+            seen.add(n)
+            if output in n.users:
+                heads.add(node)
+                break
+            frontier += [u for u in n.users if role(u) is Role.LAYOUT or is_op(u, aten._to_copy.default)]
+    return heads
 
 
 class _Inserter:
-    def __init__(self, gm: fx.GraphModule, config: QuantConfig, precisions: Precisions):
-        self.gm, self.config, self.precision = gm, config, precisions
-        self.twq: dict[fx.Node, tuple[fx.Node, fx.Node]] = {}
+    def __init__(self, gm: fx.GraphModule, config: QuantConfig):
+        self.gm, self.config = gm, config
+        self.twq: dict[tuple[fx.Node, torch.dtype], tuple[fx.Node, fx.Node]] = {}
 
     def const(self, hint, tensor, before):
         return add_constant(self.gm, hint, tensor, before=before)
 
-    # -- TWQ: one quantize_per_token per LayerNorm, shared by all its INT8 consumers
-    def twq_input(self, linear: fx.Node) -> None:
-        ln = linear.args[0]
-        if ln not in self.twq:
-            qt = _call(self.gm, zq.quantize_per_token.default, (ln,), after=ln)
-            xq = _call(self.gm, operator.getitem, (qt, 0), after=qt)
-            sx = _call(self.gm, operator.getitem, (qt, 1), after=xq)
-            self.twq[ln] = (xq, sx)
-        xq, sx = self.twq[ln]
-        deq = _call(self.gm, zq.dequantize.default, (xq, sx), before=linear)
-        _replace_input(linear, ln, deq)
-        linear.meta["zq_input_sample"] = ln.name
-        linear.meta.update(zq_precision="int8", zq_scheme="twq")
+    def mark(self, node: fx.Node, fmt: Format, scheme) -> None:
+        record = state(node)
+        record.precision, record.scheme = fmt.name, scheme
+
+    # -- TWQ: one quantize_per_token per norm, shared by all its quantized consumers of one format
+    def twq_input(self, gemm: fx.Node, fmt: Format) -> None:
+        x = gemm.args[0]
+        norm, chain = norm_source(x)
+        dtype = fmt.storage_dtype
+        if chain:
+            # Rows picked or reshaped after the norm (a pooler's [CLS] row, a flattened batch): quantize them here,
+            # per token, as a standalone op.
+            qt = _call(self.gm, zq.quantize_per_token.default, (x, dtype), before=gemm)
+            xq = _call(self.gm, operator.getitem, (qt, 0), before=gemm)
+            sx = _call(self.gm, operator.getitem, (qt, 1), before=gemm)
+        else:
+            if (norm, dtype) not in self.twq:
+                qt = _call(self.gm, zq.quantize_per_token.default, (norm, dtype), after=norm)
+                xq = _call(self.gm, operator.getitem, (qt, 0), after=qt)
+                sx = _call(self.gm, operator.getitem, (qt, 1), after=xq)
+                self.twq[(norm, dtype)] = (xq, sx)
+            xq, sx = self.twq[(norm, dtype)]
+        deq = _call(self.gm, zq.dequantize.default, (xq, sx), before=gemm)
+        gemm.replace_input_with(x, deq)
+        state(gemm).input_sample = x.name
+        self.mark(gemm, fmt, Scheme.TWQ)
 
     # -- FWQ: static per-feature scale on a GEMM input, quantized where the producer can emit it
-    def fwq_input(self, linear: fx.Node) -> bool:
-        x = linear.args[0]
-        if "zq_range" not in x.meta:
+    def fwq_input(self, gemm: fx.Node, fmt: Format) -> bool:
+        x = gemm.args[0]
+        value_range = state(x).range
+        if value_range is None:
             return False
-        scale = static_scale(x.meta["zq_range"], per_feature=True)
+        scale = static_scale(value_range, True, fmt)
         producer, chain = through_layout(x)
-        s_in = self.const(f"{linear.name}_in_scale", scale, before=linear)
-        if chain and is_op(producer, ATTENTION):
-            # Quantize at the attention output, so the head-merging copy moves int8 instead of float.
+        s_in = self.const(f"{gemm.name}_in_scale", scale, before=gemm)
+        if chain and role(producer) is Role.ATTENTION and _is_head_merge(producer, chain, x):
+            # Quantize at the attention output, so the head-merging copy moves quantized values instead of float.
             p = val(producer)
             per_head = scale.reshape(int(p.shape[1]), 1, int(p.shape[3]))
             s_prod = self.const(f"{producer.name}_out_scale", per_head, before=chain[0])
-            q = _call(self.gm, zq.quantize.default, (producer, s_prod), after=s_prod)
-            _replace_input(chain[0], producer, q)
-            int8_input = x
+            q = _call(self.gm, zq.quantize.default, (producer, s_prod, fmt.storage_dtype), after=s_prod)
+            chain[0].replace_input_with(producer, q)
+            quantized_input = x
         else:
-            int8_input = _call(self.gm, zq.quantize.default, (x, s_in), before=linear)
-        deq = _call(self.gm, zq.dequantize.default, (int8_input, s_in), before=linear)
-        _replace_input(linear, x, deq)
-        linear.meta["zq_input_sample"] = x.name
-        linear.meta.update(zq_precision="int8", zq_scheme="fwq")
+            quantized_input = _call(self.gm, zq.quantize.default, (x, s_in, fmt.storage_dtype), before=gemm)
+        deq = _call(self.gm, zq.dequantize.default, (quantized_input, s_in), before=gemm)
+        gemm.replace_input_with(x, deq)
+        state(gemm).input_sample = x.name
+        self.mark(gemm, fmt, Scheme.FWQ)
         return True
 
     # -- attention core: SQ on Q and K, FWQ (or SQ) on V
-    def attention(self, attn: fx.Node) -> bool:
+    def attention(self, attn: fx.Node, fmt: Format) -> bool:
         operands = attn.args[:3]
-        attn.meta["zq_operand_samples"] = [o.name for o in operands]
         found = [through_layout(o) for o in operands]
-        if any("zq_range" not in p.meta for p, _ in found):
+        if any(state(p).range is None for p, _ in found):
             return False
+        state(attn).operand_samples = [o.name for o in operands]
+        v_per_feature = _is_head_split(*found[2], operands[2])
         for index, (operand, (producer, chain)) in enumerate(zip(operands, found)):
-            per_feature = index == 2 and _is_head_split(producer, chain, operand)
-            scale = static_scale(producer.meta["zq_range"], per_feature)
+            per_feature = index == 2 and v_per_feature
+            scale = static_scale(state(producer).range, per_feature, fmt)
             first = chain[0] if chain else attn
             s_prod = self.const(f"{producer.name}_scale", scale, before=first)
-            q = _call(self.gm, zq.quantize.default, (producer, s_prod), after=s_prod)
-            _replace_input(first, producer, q)
+            q = _call(self.gm, zq.quantize.default, (producer, s_prod, fmt.storage_dtype), after=s_prod)
+            first.replace_input_with(producer, q)
             o = val(operand)
-            s_op = (scale.reshape(int(o.shape[1]), 1, int(o.shape[3])) if per_feature else scale)
+            s_op = scale.reshape(int(o.shape[1]), 1, int(o.shape[3])) if per_feature else scale
             s_node = self.const(f"{attn.name}_{'qkv'[index]}_scale", s_op, before=attn)
             deq = _call(self.gm, zq.dequantize.default, (attn.args[index], s_node), before=attn)
-            _replace_input(attn, attn.args[index], deq)
-        attn.meta.update(zq_precision="int8", zq_scheme="sq(q,k)+" + ("fwq" if _is_head_split(*found[2], operands[2]) else "sq") + "(v)+sq(p)")
+            attn.replace_input_with(attn.args[index], deq)
+        self.mark(attn, fmt, Scheme.SQ)
+        state(attn).attention_schemes = f"sq(q,k)+{'fwq' if v_per_feature else 'sq'}(v)+sq(p)"
         return True
 
-    # -- static INT8 embedding tables
-    def embedding(self, emb: fx.Node) -> None:
+    # -- static quantized embedding tables
+    def embedding(self, emb: fx.Node, fmt: Format) -> None:
         table = param_of(self.gm, emb.args[0])
         if self.config.embedding_granularity == "row":
-            tq, scale = quantize_per_token_ref(table)
+            tq, scale = fmt.quantize_per_token(table)
         else:
-            scale = (table.float().abs().amax() / QMAX).clamp_min(MIN_SCALE).reshape(1)
-            tq = torch.round(table.float() / scale).clamp(-QMAX, QMAX).to(torch.int8)
+            scale = fmt.scale_for(table.float().abs().amax()).reshape(1)
+            tq = fmt.quantize(table, scale)
         tq_node = self.const(f"{emb.name}_table_q", tq, before=emb)
         s_node = self.const(f"{emb.name}_table_scale", scale, before=emb)
         deq = _call(self.gm, zq.dequantize.default, (tq_node, s_node), {"out_dtype": table.dtype}, before=emb)
-        _replace_input(emb, emb.args[0], deq)
-        emb.meta.update(zq_precision="int8", zq_scheme="sq-row" if self.config.embedding_granularity == "row" else "sq")
+        emb.replace_input_with(emb.args[0], deq)
+        self.mark(emb, fmt, Scheme.SQ)
+        state(emb).attention_schemes = None
 
     # -- FP16 / BF16 fallback: the module computes in that dtype, the rest of the graph does not notice
-    def cast_float(self, node: fx.Node, dtype: torch.dtype, tensor_args: list[int]) -> None:
+    def cast_float(self, node: fx.Node, precision: str, tensor_args: list[int]) -> None:
+        dtype = FLOAT_DTYPES[precision]
         for i in tensor_args:
             arg = node.args[i]
             if not isinstance(arg, fx.Node) or not is_float_tensor(arg):
                 continue
             weight = param_of(self.gm, arg)
             if weight is not None:
-                new = self.const(f"{arg.target}_{str(dtype).split('.')[-1]}", weight.to(dtype), before=node)
+                new = self.const(f"{arg.target}_{precision}", weight.to(dtype), before=node)
             else:
                 new = _call(self.gm, aten._to_copy.default, (arg,), {"dtype": dtype}, before=node)
             args = list(node.args)
             args[i] = new
             node.args = tuple(args)
+        if role(node) is Role.ATTENTION and is_float_tensor(node.kwargs.get("attn_mask")):
+            cast = _call(self.gm, aten._to_copy.default, (node.kwargs["attn_mask"],), {"dtype": dtype}, before=node)
+            node.update_kwarg("attn_mask", cast)
         back = _call(self.gm, aten._to_copy.default, (node,), {"dtype": val(node).dtype}, after=node)
         node.replace_all_uses_with(back, delete_user_cb=lambda user: user is not back)
-        node.meta.update(zq_precision=str(dtype).split(".")[-1].replace("float16", "fp16").replace("bfloat16", "bf16"),
-                         zq_scheme="float")
+        state(node).precision, state(node).scheme = precision, "float"
+
+
+_TENSOR_ARGS = {"gemm": [0, 1, 2], "attention": [0, 1, 2], "embedding": [0]}
+
+
+def _site_kind(gm: fx.GraphModule, node: fx.Node) -> str | None:
+    if not is_float_tensor(node):
+        return None
+    if is_weight_gemm(gm, node):
+        return "gemm"
+    if role(node) is Role.ATTENTION:
+        return "attention"
+    if role(node) is Role.EMBEDDING and param_of(gm, node.args[0]) is not None:
+        return "embedding"
+    return None
 
 
 def insert_qdq(gm: fx.GraphModule, config: QuantConfig, overrides: dict[str, str] | None = None) -> fx.GraphModule:
     precisions = Precisions(overrides or {})
-    ins = _Inserter(gm, config, precisions)
+    ins = _Inserter(gm, config)
     all_paths = set()
     for node in gm.graph.nodes:
-        if is_op(node, LINEAR, LAYER_NORM, EMBEDDING):
-            weight = node.args[0] if is_op(node, EMBEDDING) else node.args[1] if is_op(node, LINEAR) else node.args[2]
-            if isinstance(weight, fx.Node) and weight.op == "get_attr":
-                node.meta["zq_module_path"] = weight_module_path(weight.target)
+        weight = {Role.EMBEDDING: 0, Role.GEMM: 1, Role.NORM: 2}.get(role(node))
+        if weight is not None and len(node.args) > weight and isinstance(node.args[weight], fx.Node) \
+                and node.args[weight].op == "get_attr":
+            state(node).module_path = weight_module_path(node.args[weight].target)
         all_paths.add(module_path(node))
 
-    # Decide first, rewrite after: the rewrites change producers that input_scheme looks at.
+    # Decide first, rewrite after: the rewrites change producers that the scheme walk looks at.
     plan = []
     for node in list(gm.graph.nodes):
-        if not is_float_tensor(node):
-            continue
-        path = module_path(node)
-        if is_op(node, LINEAR) and param_of(gm, node.args[1]) is not None:
-            plan.append(("linear", node, precisions(path), input_scheme(node)))
-        elif is_op(node, ATTENTION) and not node.kwargs.get("dropout_p") and not node.kwargs.get("enable_gqa"):
-            plan.append(("attention", node, precisions(path), None))
-        elif is_op(node, EMBEDDING) and param_of(gm, node.args[0]) is not None:
-            plan.append(("embedding", node, precisions(path), None))
-        elif is_op(node, LAYER_NORM):
-            node.meta["zq_precision"] = precisions(path)
+        kind = _site_kind(gm, node)
+        if kind is not None:
+            scheme = gemm_input_scheme(node) if kind == "gemm" else (None, "")
+            plan.append((kind, node, precisions(module_path(node)), scheme))
+        elif role(node) is Role.NORM:
+            state(node).precision = precisions(module_path(node))
     precisions.check_all_matched(all_paths)
+    heads = output_heads(gm)
+    coverage = Coverage(mode=config.name, activation_format=config.activation_format)
 
-    for kind, node, precision, scheme in plan:
-        if precision in FLOAT_DTYPES:
-            ins.cast_float(node, FLOAT_DTYPES[precision], {"linear": [0, 1, 2], "attention": [0, 1, 2],
-                                                          "embedding": [0]}[kind])
-            if kind == "attention" and is_float_tensor(node.kwargs.get("attn_mask")):
-                mask = node.kwargs["attn_mask"]
-                cast = _call(gm, aten._to_copy.default, (mask,), {"dtype": FLOAT_DTYPES[precision]}, before=node)
-                node.update_kwarg("attn_mask", cast)
+    for kind, node, override, (scheme, why) in plan:
+        if override in FLOAT_DTYPES:
+            if override != "fp32":
+                ins.cast_float(node, override, _TENSOR_ARGS[kind])
+            else:
+                state(node).precision, state(node).scheme = "fp32", "float"
+            coverage.add(node, kind, f"override {override}", by_design=True)
             continue
-        if precision != "int8":
-            node.meta.update(zq_precision=precision, zq_scheme="float")
-            continue
-        if kind == "linear" and scheme == "twq" and config.int8_ln_gemms:
-            if node.args[0].meta.get("zq_precision", "int8") == "int8":
-                ins.twq_input(node)
-        elif kind == "linear" and scheme == "fwq" and config.int8_fwq_gemms:
-            ins.fwq_input(node)
-        elif kind == "attention" and config.int8_attention:
-            ins.attention(node)
-        elif kind == "embedding" and config.int8_embeddings:
-            ins.embedding(node)
+        fmt = get_format(override) if override else config.activations
+        reason, by_design = _quantize_site(ins, config, kind, node, fmt, scheme, why, heads)
+        coverage.add(node, kind, reason, by_design)
+    gm.meta.setdefault("zqhero", {})["coverage"] = coverage
     return gm
+
+
+def _quantize_site(ins: _Inserter, config: QuantConfig, kind, node, fmt, scheme, why, heads) -> tuple[str, bool]:
+    """Quantize one site if the mode and the graph allow it. Returns (why it stays float, or '' when quantized;
+    whether that is by design: the mode's definition, an override, the LM-head default)."""
+    if not config.quantizes:
+        return f"mode {config.name} keeps every site float", True
+    if kind == "gemm":
+        if node in heads and not config.quantize_heads:
+            return "output head: its result is a model output (float by default; QuantConfig(quantize_heads=True))", \
+                True
+        if scheme is Scheme.TWQ:
+            if not config.norm_fed_gemms:
+                return f"norm-fed GEMM: mode {config.name} does not quantize them (TWQ)", True
+            norm, _ = norm_source(node.args[0])
+            if state(norm).precision in FLOAT_DTYPES:
+                return f"its input norm {module_path(norm) or norm.name} is overridden to {state(norm).precision}", True
+            ins.twq_input(node, fmt)
+            return "", False
+        if scheme is Scheme.FWQ:
+            if not config.fwq_gemms:
+                return f"GEMM fed by GEMMs/attention: mode {config.name} does not quantize them (FWQ, M2 and up)", True
+            return ("", False) if ins.fwq_input(node, fmt) else ("no calibration range for its input", False)
+        return why, False
+    if kind == "attention":
+        if not config.attention:
+            return f"mode {config.name} keeps attention float (M3 quantizes it)", True
+        if node.kwargs.get("dropout_p"):
+            return "attention with dropout", False
+        return ("", False) if ins.attention(node, fmt) else ("no calibration range for its Q/K/V producers", False)
+    if not config.embeddings:
+        return f"mode {config.name} keeps embedding tables float (M3 quantizes them)", True
+    ins.embedding(node, config.weights if fmt.name == config.activation_format else fmt)
+    return "", False

@@ -1,8 +1,11 @@
-"""LN^quant: optional residual add + LayerNorm + per-token absmax + INT8 output + per-token scale, one pass per row.
+"""Norm^quant: optional residual add + LayerNorm or RMSNorm + per-token absmax + quantized output + per-token scale,
+one pass per row.
 
-TWQ is free here because LayerNorm already reduces over the row. Outputs: (q int8, scale fp32 [..., 1], normed, summed),
-where `normed` (the float LayerNorm output, needed by a post-LN residual stream) and `summed` (x + residual, needed by a
-pre-LN residual stream) are empty tensors unless asked for.
+TWQ is free here because the norm already reduces over the row. Outputs: (q, scale fp32 [..., 1], normed, summed),
+where `normed` (the float norm output, needed by a post-LN residual stream) and `summed` (x + residual, needed by a
+pre-norm residual stream) are empty tensors unless asked for. `kind` is "layer" (mean and variance, optional bias) or
+"rms" (root mean square, no mean subtraction: Llama, T5, Gemma's (1 + w) after canonicalize folds the 1 into w).
+The Triton kernel writes INT8, FP8 E4M3 or FP8 E5M2 (q's element type picks the format; FP8 needs sm_89+ on a GPU).
 """
 
 from __future__ import annotations
@@ -12,25 +15,35 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from zqhero_fx.kernels._select import wants_triton
+from zqhero_fx import dispatch
+from zqhero_fx.formats import MIN_SCALE, format_of_dtype
 from zqhero_fx.kernels._triton_common import (
-    MIN_SCALE_F,
-    QMAX_F,
     as_rows,
     cast_rne,
     device_guard,
-    quantize_int8_by_reciprocal,
+    per_token_scale,
+    quantize_by_reciprocal,
+    triton_takes_format,
 )
-from zqhero_fx.kernels.quantize import MIN_SCALE, quantize_per_token_ref
 
 
 # ---------------------------------------------------------------- reference (the spec)
-def layer_norm_quant_ref(x, residual, weight, bias, eps, emit_normed, emit_sum):
+def normalise_ref(summed: torch.Tensor, weight, bias, eps: float, kind: str) -> torch.Tensor:
+    """The float32 norm of each row: LayerNorm or RMSNorm (with an optional bias added after the scale)."""
+    dim = (summed.shape[-1],)
+    b = None if bias is None else bias.float()
+    if kind == "layer":
+        return F.layer_norm(summed.float(), dim, weight.float(), b, eps)
+    if kind == "rms":
+        normed = F.rms_norm(summed.float(), dim, weight.float(), eps)
+        return normed if b is None else normed + b
+    raise ValueError(f"norm_quant: unknown norm kind {kind!r}; expected 'layer' or 'rms'")
+
+
+def norm_quant_ref(x, residual, weight, bias, eps, emit_normed, emit_sum, kind="layer", dtype=torch.int8):
     summed = x if residual is None else x + residual
-    normed32 = F.layer_norm(
-        summed.float(), (x.shape[-1],), weight.float(), None if bias is None else bias.float(), eps
-    )
-    q, scale = quantize_per_token_ref(normed32)
+    normed32 = normalise_ref(summed, weight, bias, eps, kind)
+    q, scale = format_of_dtype(dtype).quantize_per_token(normed32)
     return (
         q,
         scale,
@@ -43,15 +56,21 @@ def layer_norm_quant_ref(x, residual, weight, bias, eps, emit_normed, emit_sum):
 
 # ---------------------------------------------------------------- Triton kernel
 @triton.jit
-def layer_norm_quant_rows(s, mask, cols, col_mask, w_ptr, b_ptr, n_cols, eps, HAS_BIAS: tl.constexpr):
-    """LayerNorm of a [BLOCK_M, BLOCK_N] register tile of fp32 rows, then the per-token INT8 scale.
+def norm_quant_rows(s, mask, cols, col_mask, w_ptr, b_ptr, n_cols, eps, HAS_BIAS: tl.constexpr,
+                    IS_RMS: tl.constexpr, Q_DTYPE: tl.constexpr):
+    """LayerNorm (or RMSNorm) of a [BLOCK_M, BLOCK_N] register tile of fp32 rows, then the per-token scale for the
+    quantized element type Q_DTYPE (absmax / 127, / 448 or / 57344).
 
-    Shared with embedding_layer_norm_quant. Padded lanes (mask False) must hold 0 on entry; they stay 0 throughout,
+    Shared with embedding_norm_quant. Padded lanes (mask False) must hold 0 on entry; they stay 0 throughout,
     so they add nothing to the sums and never win the absmax.
     """
-    # Mean, then the variance around it from the registers: two reductions over a row that is read only once.
-    mean = tl.sum(s, axis=1) / n_cols
-    centred = tl.where(mask, s - mean[:, None], 0.0)
+    if IS_RMS:
+        # Mean of squares around zero: no centring.
+        centred = s
+    else:
+        # Mean, then the variance around it from the registers: two reductions over a row that is read only once.
+        mean = tl.sum(s, axis=1) / n_cols
+        centred = tl.where(mask, s - mean[:, None], 0.0)
     var = tl.sum(centred * centred, axis=1) / n_cols
     rstd = 1.0 / tl.sqrt(var + eps)
     # Affine transform in the reference's order: (x - mean) * rstd * weight + bias.
@@ -62,12 +81,12 @@ def layer_norm_quant_rows(s, mask, cols, col_mask, w_ptr, b_ptr, n_cols, eps, HA
         y = y + b[None, :]
     y = tl.where(mask, y, 0.0)
     # TWQ scale: the row is already reduced here, so its absmax costs one more register reduction.
-    scale = tl.maximum(tl.math.div_rn(tl.max(tl.abs(y), axis=1), QMAX_F), MIN_SCALE_F)
+    scale = per_token_scale(tl.max(tl.abs(y), axis=1), Q_DTYPE)
     return y, scale
 
 
 @triton.jit
-def _layer_norm_quant_kernel(
+def _norm_quant_kernel(
     x_ptr, res_ptr, w_ptr, b_ptr,
     q_ptr, scale_ptr, normed_ptr, sum_ptr,
     n_rows, n_cols,
@@ -75,7 +94,7 @@ def _layer_norm_quant_kernel(
     eps,
     SUM_DTYPE: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr, EMIT_NORMED: tl.constexpr, EMIT_SUM: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    IS_RMS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # BLOCK_M whole rows per program (BLOCK_N >= n_cols): every input byte is read exactly once.
     rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
@@ -97,12 +116,13 @@ def _layer_norm_quant_kernel(
     elif EMIT_SUM:
         tl.store(sum_ptr + out_offsets, cast_rne(s, SUM_DTYPE), mask=mask)
 
-    y, scale = layer_norm_quant_rows(s, mask, cols, col_mask, w_ptr, b_ptr, n_cols, eps, HAS_BIAS)
+    Q_DTYPE: tl.constexpr = q_ptr.dtype.element_ty
+    y, scale = norm_quant_rows(s, mask, cols, col_mask, w_ptr, b_ptr, n_cols, eps, HAS_BIAS, IS_RMS, Q_DTYPE)
 
-    # INT8 output by reciprocal (the LayerNorm itself is not bit-exact, see quantize_int8_by_reciprocal), the
-    # per-token scale, and the float normed output for a post-LN residual stream.
+    # Quantized output by reciprocal (the norm itself is not bit-exact, see quantize_by_reciprocal), the per-token
+    # scale, and the float normed output for a post-LN residual stream.
     inv_scale = 1.0 / scale
-    tl.store(q_ptr + out_offsets, quantize_int8_by_reciprocal(y, inv_scale[:, None]), mask=mask)
+    tl.store(q_ptr + out_offsets, quantize_by_reciprocal(y, inv_scale[:, None], Q_DTYPE), mask=mask)
     tl.store(scale_ptr + rows, scale, mask=rows < n_rows)
     if EMIT_NORMED:
         tl.store(normed_ptr + out_offsets, cast_rne(y, normed_ptr.dtype.element_ty), mask=mask)
@@ -129,10 +149,10 @@ def row_blocks(n_cols: int, element_size: int, what: str) -> tuple[int, int, int
     return block_m, block_n, num_warps
 
 
-def layer_norm_quant_triton(x, residual, weight, bias, eps, emit_normed, emit_sum):
+def norm_quant_triton(x, residual, weight, bias, eps, emit_normed, emit_sum, kind="layer", dtype=torch.int8):
     n_cols = x.shape[-1]
     sum_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
-    q = torch.empty(x.shape, dtype=torch.int8, device=x.device)
+    q = torch.empty(x.shape, dtype=dtype, device=x.device)
     scale = torch.empty((*x.shape[:-1], 1), dtype=torch.float32, device=x.device)
     normed = torch.empty(x.shape if emit_normed else (0,), dtype=x.dtype, device=x.device)
     summed = torch.empty(x.shape if emit_sum else (0,), dtype=sum_dtype, device=x.device)
@@ -144,11 +164,11 @@ def layer_norm_quant_triton(x, residual, weight, bias, eps, emit_normed, emit_su
     else:
         r2, stride_rm, stride_rn = x2, 0, 0  # never read: HAS_RESIDUAL is False
     n_rows = x2.shape[0]
-    block_m, block_n, num_warps = row_blocks(n_cols, max(x.element_size(), 4), "layer_norm_quant")
+    block_m, block_n, num_warps = row_blocks(n_cols, max(x.element_size(), 4), "norm_quant")
     w = weight.contiguous()
     b = bias.contiguous() if bias is not None else w
     with device_guard(x):
-        _layer_norm_quant_kernel[(triton.cdiv(n_rows, block_m),)](
+        _norm_quant_kernel[(triton.cdiv(n_rows, block_m),)](
             x2, r2, w, b,
             q, scale, normed if emit_normed else q, summed if emit_sum else q,
             n_rows, n_cols,
@@ -156,35 +176,16 @@ def layer_norm_quant_triton(x, residual, weight, bias, eps, emit_normed, emit_su
             eps,
             SUM_DTYPE=_TL_DTYPES[sum_dtype],
             HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None,
-            EMIT_NORMED=emit_normed, EMIT_SUM=emit_sum,
+            EMIT_NORMED=emit_normed, EMIT_SUM=emit_sum, IS_RMS=kind == "rms",
             BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
         )
     return q, scale, normed, summed
 
 
 # ---------------------------------------------------------------- registration
-@torch.library.custom_op("zqhero::layer_norm_quant", mutates_args=())
-def layer_norm_quant(
-    x: torch.Tensor,
-    residual: torch.Tensor | None,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    eps: float,
-    emit_normed: bool,
-    emit_sum: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    if wants_triton(x):
-        return layer_norm_quant_triton(x, residual, weight, bias, eps, emit_normed, emit_sum)
-    return layer_norm_quant_ref(x, residual, weight, bias, eps, emit_normed, emit_sum)
+def _triton_takes(x, residual, weight, bias, eps, emit_normed, emit_sum, kind="layer", dtype=torch.int8) -> bool:
+    return triton_takes_format(dtype, x.device) and kind in ("layer", "rms")
 
 
-@layer_norm_quant.register_fake
-def _(x, residual, weight, bias, eps, emit_normed, emit_sum):
-    # x + residual promotes (fp16 activations + an fp32 residual stream give an fp32 sum), as the reference does.
-    sum_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
-    return (
-        x.new_empty(x.shape, dtype=torch.int8),
-        x.new_empty((*x.shape[:-1], 1), dtype=torch.float32),
-        x.new_empty(x.shape) if emit_normed else x.new_empty(0),
-        x.new_empty(x.shape, dtype=sum_dtype) if emit_sum else x.new_empty(0),
-    )
+dispatch.register("norm_quant", dispatch.KernelSpec(
+    reference=norm_quant_ref, triton=norm_quant_triton, triton_applies=_triton_takes))

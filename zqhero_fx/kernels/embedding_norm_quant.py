@@ -1,15 +1,17 @@
-"""Embedding^LN^quant: gather several embedding tables, sum them, LayerNorm, per-token INT8 quantization, one pass.
+"""Embedding^norm^quant: gather several embedding tables, sum them, LayerNorm, per-token quantization, one pass.
 
 This is BERT's embedding block (word + token-type + position, add, LayerNorm) feeding the first INT8 GEMM, lowered in
 mode M3. `indices[i]` indexes `tables[i]`; the index tensors broadcast against each other (position ids [1, S] with
 input ids [B, S]), and the output has their broadcast shape plus the hidden dimension D. Each table is either
 
-  * INT8 [V, D] with `scales[i]` one static scale per row ([V, 1] or [V]) or one per table ([1]); or
+  * quantized [V, D] (int8, float8_e4m3fn, float8_e5m2) with `scales[i]` one static scale per row ([V, 1] or [V])
+    or one per table ([1]); or
   * floating point [V, D] with `scales[i]` an empty tensor (numel 0): its rows are used as they are.
 
 The dequantized rows are summed in fp32, in list order, then LayerNorm (weight, optional bias, eps) and TWQ exactly as
-`layer_norm_quant`. Outputs: (q int8 [..., D], scale fp32 [..., 1], normed), where `normed` is the float LayerNorm
-output in `weight`'s dtype when `emit_normed`, else an empty tensor of that dtype.
+`norm_quant`. Outputs: (q [..., D] in `dtype` (int8, or float8 E4M3 / E5M2), scale fp32 [..., 1], normed), where
+`normed` is the float LayerNorm output in `weight`'s dtype when `emit_normed`, else an empty tensor of that dtype. The
+Triton kernel takes every mix of int8 / float8 / float tables, and FP8 only on sm_89+ on a GPU.
 """
 
 from __future__ import annotations
@@ -19,10 +21,16 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from zqhero_fx.kernels._select import wants_triton
-from zqhero_fx.kernels._triton_common import as_rows, cast_rne, device_guard, quantize_int8_by_reciprocal
-from zqhero_fx.kernels.layer_norm_quant import layer_norm_quant_rows, row_blocks
-from zqhero_fx.kernels.quantize import MIN_SCALE, quantize_per_token_ref
+from zqhero_fx import dispatch
+from zqhero_fx.formats import MIN_SCALE, format_of_dtype, is_quantized_dtype
+from zqhero_fx.kernels._triton_common import (
+    as_rows,
+    cast_rne,
+    device_guard,
+    quantize_by_reciprocal,
+    triton_takes_format,
+)
+from zqhero_fx.kernels.norm_quant import norm_quant_rows, row_blocks
 from zqhero_fx.kernels.quantized_embedding import quantized_embedding_ref
 
 # Tables the fused kernel gathers in one program (BERT needs 3). Fixed because a Triton signature is.
@@ -32,51 +40,51 @@ MAX_TABLES = 4
 def _check_inputs(indices, tables, scales):
     if not (len(indices) == len(tables) == len(scales)) or len(tables) == 0:
         raise ValueError(
-            "embedding_layer_norm_quant: needs one index tensor, table and scale per table "
+            "embedding_norm_quant: needs one index tensor, table and scale per table "
             f"(got {len(indices)}, {len(tables)}, {len(scales)})"
         )
     dims = {t.shape[-1] for t in tables}
     if len(dims) != 1 or any(t.dim() != 2 for t in tables):
         shapes = [tuple(t.shape) for t in tables]
-        raise ValueError(f"embedding_layer_norm_quant: tables must be [V, D] with one D; got {shapes}")
+        raise ValueError(f"embedding_norm_quant: tables must be [V, D] with one D; got {shapes}")
     for table, scale in zip(tables, scales):
-        if table.dtype == torch.int8:
+        if is_quantized_dtype(table.dtype):
             if scale.numel() not in (1, table.shape[0]):
                 raise ValueError(
-                    f"embedding_layer_norm_quant: an int8 table of {table.shape[0]} rows needs a [V, 1] or [1] scale; "
+                    f"embedding_norm_quant: a quantized table of {table.shape[0]} rows needs a [V, 1] or [1] scale; "
                     f"got {tuple(scale.shape)}"
                 )
         elif table.is_floating_point():
             if scale.numel() != 0:
-                raise ValueError("embedding_layer_norm_quant: a float table takes an empty scale tensor")
+                raise ValueError("embedding_norm_quant: a float table takes an empty scale tensor")
         else:
-            raise ValueError(f"embedding_layer_norm_quant: tables must be int8 or float, got {table.dtype}")
+            raise ValueError(f"embedding_norm_quant: tables must be quantized (int8, float8) or float, got {table.dtype}")
     return torch.broadcast_shapes(*(i.shape for i in indices)), tables[0].shape[-1]
 
 
 # ---------------------------------------------------------------- reference (the spec)
 def embedding_rows_ref(indices, table, scale):
-    """fp32 rows of one table: dequantized for int8, as-is for float."""
-    if table.dtype == torch.int8:
+    """fp32 rows of one table: dequantized for a quantized table, as-is for float."""
+    if is_quantized_dtype(table.dtype):
         return quantized_embedding_ref(indices, table, scale, torch.float32)
     return table[indices].float()
 
 
-def embedding_layer_norm_quant_ref(indices, tables, scales, weight, bias, eps, emit_normed):
+def embedding_norm_quant_ref(indices, tables, scales, weight, bias, eps, emit_normed, dtype=torch.int8):
     shape, dim = _check_inputs(indices, tables, scales)
     summed = None
     for idx, table, scale in zip(indices, tables, scales):
         rows = embedding_rows_ref(idx.expand(shape), table, scale)
         summed = rows if summed is None else summed + rows
     normed32 = F.layer_norm(summed, (dim,), weight.float(), None if bias is None else bias.float(), eps)
-    q, q_scale = quantize_per_token_ref(normed32)
+    q, q_scale = format_of_dtype(dtype).quantize_per_token(normed32)
     normed = normed32.to(weight.dtype) if emit_normed else weight.new_empty(0)
     return q, q_scale, normed
 
 
 # ---------------------------------------------------------------- Triton kernel
 @triton.jit
-def _embedding_layer_norm_quant_kernel(
+def _embedding_norm_quant_kernel(
     idx_ptrs, stride_ir, stride_ic,  # per table: index tensor as a [rows, inner] broadcast view
     table_ptrs, stride_tv, stride_td, scale_ptrs, stride_sv, vocabs,  # per table
     w_ptr, b_ptr, q_ptr, scale_ptr, normed_ptr,
@@ -103,11 +111,11 @@ def _embedding_layer_norm_quant_kernel(
         idx = tl.where(idx < 0, idx + vocabs[i], idx)  # negative ids count from the end, as tensor indexing does
         # Out-of-range ids are asserted with TRITON_DEBUG=1; otherwise they read zeros, never outside the table.
         idx_valid = (idx >= 0) & (idx < vocabs[i])
-        tl.device_assert(idx_valid | ~tok_valid, "embedding_layer_norm_quant: index out of range")
+        tl.device_assert(idx_valid | ~tok_valid, "embedding_norm_quant: index out of range")
         rows = tl.load(
             table_ptrs[i] + idx[:, None] * stride_tv[i] + cols[None, :] * stride_td[i],
             mask=mask & idx_valid[:, None],
-            other=0,
+            other=0.0,
         ).to(tl.float32)
         if ((FLOAT_TABLES >> i) & 1) == 0:
             row_scale = tl.load(
@@ -116,25 +124,26 @@ def _embedding_layer_norm_quant_kernel(
             rows = rows * row_scale[:, None]
         s = s + rows
 
-    # LayerNorm + TWQ on the summed rows, exactly as layer_norm_quant does.
-    y, scale = layer_norm_quant_rows(s, mask, cols, col_mask, w_ptr, b_ptr, n_cols, eps, HAS_BIAS)
+    # LayerNorm + TWQ on the summed rows, exactly as norm_quant does; q's element type is the output format.
+    Q_DTYPE: tl.constexpr = q_ptr.dtype.element_ty
+    y, scale = norm_quant_rows(s, mask, cols, col_mask, w_ptr, b_ptr, n_cols, eps, HAS_BIAS, False, Q_DTYPE)
     out_offsets = toks[:, None] * n_cols + cols[None, :]
     inv_scale = 1.0 / scale
-    tl.store(q_ptr + out_offsets, quantize_int8_by_reciprocal(y, inv_scale[:, None]), mask=mask)
+    tl.store(q_ptr + out_offsets, quantize_by_reciprocal(y, inv_scale[:, None], Q_DTYPE), mask=mask)
     tl.store(scale_ptr + toks, scale, mask=tok_valid)
     if EMIT_NORMED:
         tl.store(normed_ptr + out_offsets, cast_rne(y, normed_ptr.dtype.element_ty), mask=mask)
 
 
 # ---------------------------------------------------------------- launcher
-def embedding_layer_norm_quant_triton(indices, tables, scales, weight, bias, eps, emit_normed):
+def embedding_norm_quant_triton(indices, tables, scales, weight, bias, eps, emit_normed, dtype=torch.int8):
     shape, dim = _check_inputs(indices, tables, scales)
     if len(tables) > MAX_TABLES:
         raise ValueError(
-            f"embedding_layer_norm_quant: the fused kernel takes up to {MAX_TABLES} tables, got {len(tables)}"
+            f"embedding_norm_quant: the fused kernel takes up to {MAX_TABLES} tables, got {len(tables)}"
         )
     device = tables[0].device
-    q = torch.empty((*shape, dim), dtype=torch.int8, device=device)
+    q = torch.empty((*shape, dim), dtype=dtype, device=device)
     q_scale = torch.empty((*shape, 1), dtype=torch.float32, device=device)
     normed = torch.empty((*shape, dim) if emit_normed else (0,), dtype=weight.dtype, device=device)
     if q.numel() == 0:
@@ -147,17 +156,17 @@ def embedding_layer_norm_quant_triton(indices, tables, scales, weight, bias, eps
     float_tables = 0
     table_scales = []
     for i, (table, scale) in enumerate(zip(tables, scales)):
-        if table.dtype == torch.int8:
+        if is_quantized_dtype(table.dtype):
             flat = scale.reshape(-1)
             table_scales.append((flat, 0 if flat.numel() == 1 else flat.stride(0)))
         else:
             float_tables |= 1 << i
             table_scales.append((table, 0))  # never read: the bit in FLOAT_TABLES skips the scale
-    block_m, block_n, num_warps = row_blocks(dim, 4, "embedding_layer_norm_quant")
+    block_m, block_n, num_warps = row_blocks(dim, 4, "embedding_norm_quant")
     w = weight.contiguous()
     b = bias.contiguous() if bias is not None else w
     with device_guard(tables[0]):
-        _embedding_layer_norm_quant_kernel[(triton.cdiv(n_tokens, block_m),)](
+        _embedding_norm_quant_kernel[(triton.cdiv(n_tokens, block_m),)](
             tuple(v[0] for v in idx_views), tuple(v[1] for v in idx_views), tuple(v[2] for v in idx_views),
             tuple(tables), tuple(t.stride(0) for t in tables), tuple(t.stride(1) for t in tables),
             tuple(s[0] for s in table_scales), tuple(s[1] for s in table_scales), tuple(t.shape[0] for t in tables),
@@ -171,35 +180,14 @@ def embedding_layer_norm_quant_triton(indices, tables, scales, weight, bias, eps
 
 
 # ---------------------------------------------------------------- registration
-@torch.library.custom_op("zqhero::embedding_layer_norm_quant", mutates_args=())
-def embedding_layer_norm_quant(
-    indices: list[torch.Tensor],
-    tables: list[torch.Tensor],
-    scales: list[torch.Tensor],
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    eps: float,
-    emit_normed: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    if wants_triton(tables[0]):
-        return embedding_layer_norm_quant_triton(indices, tables, scales, weight, bias, eps, emit_normed)
-    return embedding_layer_norm_quant_ref(indices, tables, scales, weight, bias, eps, emit_normed)
-
-
-def _broadcast_shape(shapes) -> list:
-    """Broadcast without comparing sizes: a literal 1 gives way to anything else. Comparing a symbolic batch size
-    with 1 (as torch.broadcast_shapes does) can settle on 1 when the size first seen was 1."""
-    ndim = max(len(s) for s in shapes)
-    padded = [(1,) * (ndim - len(s)) + tuple(s) for s in shapes]
-    return [next((d for d in dims if not (isinstance(d, int) and d == 1)), 1) for dims in zip(*padded)]
-
-
-@embedding_layer_norm_quant.register_fake
-def _(indices, tables, scales, weight, bias, eps, emit_normed):
-    shape = _broadcast_shape([i.shape for i in indices])
-    dim = tables[0].shape[-1]
-    return (
-        weight.new_empty((*shape, dim), dtype=torch.int8),
-        weight.new_empty((*shape, 1), dtype=torch.float32),
-        weight.new_empty((*shape, dim)) if emit_normed else weight.new_empty(0),
+def _triton_takes(indices, tables, scales, weight, bias, eps, emit_normed, dtype=torch.int8) -> bool:
+    """A quantized output the kernel writes, and tables that are quantized (int8 / float8) or plain float."""
+    device = tables[0].device
+    return triton_takes_format(dtype, device) and all(
+        triton_takes_format(t.dtype, device) if is_quantized_dtype(t.dtype) else t.is_floating_point()
+        for t in tables
     )
+
+
+dispatch.register("embedding_norm_quant", dispatch.KernelSpec(
+    reference=embedding_norm_quant_ref, triton=embedding_norm_quant_triton, triton_applies=_triton_takes))

@@ -1,16 +1,21 @@
-"""INT8 attention core, flash-attention style: INT8 Q.K^T, softmax with INT8 probabilities, INT8 P.V.
+"""Quantized attention core, flash-attention style: quantized Q.K^T, softmax with quantized probabilities, quantized P.V.
 
-q [B, H, Sq, D], k and v [B, H, Sk, D] are int8 (any strides). Logits are acc * qk_scale, where qk_scale already holds
-s_q * s_k * softmax_scale. The mask is additive (float) or boolean (True = attend); `is_causal` adds the causal mask.
-Probabilities are quantized *before* normalisation: p_q = round(exp(s - rowmax) / p_scale) in [0, 127] (the static SQ
-scale; 1/127 covers (0, 1] exactly), so a long, diffuse row keeps its resolution. Then out = (p_q . v) * p_scale / rowsum,
-in units of v's int8 values. With `out_scale` (broadcasting against [B, H, Sq, D], e.g. [H, 1, D] per feature) the
-output is requantized to INT8 as round(out / out_scale); otherwise cast to `out_dtype`. Rows with every key masked give 0.
+q [B, H, Sq, D], k and v [B, Hkv, Sk, D] are int8 or float8 (any strides; Hkv divides H for GQA/MQA; the reference
+repeats K/V heads, the kernels take Hkv == H). For INT8 the matmuls are exact INT32; for FP8 they accumulate exact
+products in fp32, and the probabilities are FP8 in q's format (p_scale 1/448 for E4M3 covers (0, 1]). The Triton kernel
+takes INT8 and FP8 (E4M3 or E5M2; q, k and v in one format; sm_89+ on a GPU), the CPU kernel INT8.
+Logits are acc * qk_scale, where qk_scale already holds s_q * s_k * softmax_scale. The mask is additive (float) or
+boolean (True = attend); `is_causal` adds the causal mask.
+Probabilities are quantized *before* normalisation: p_q = quantize(exp(s - rowmax), p_scale) in q's format, e.g.
+round(p / p_scale) in [0, 127] for INT8 (the static SQ scale; 1/127 covers (0, 1] exactly), so a long, diffuse row keeps
+its resolution. Then out = (p_q . v) * p_scale / rowsum, in units of v's code values. With `out_scale` (broadcasting
+against [B, H, Sq, D], e.g. [H, 1, D] per feature) the output is requantized into `out_dtype` (INT8 or FP8) as
+quantize(out, out_scale); otherwise cast to `out_dtype`. Rows with every key masked give 0.
 
 The Triton kernel tiles like flash attention (nothing of size Sq x Sk is ever stored) but sweeps the keys twice: once
-for the exact row max, once for exp, the row sum and INT8 P.V against that max. Quantizing p against a running max
-instead would change which INT8 step each probability lands on; with the final max it lands where the reference puts it,
-and P.V stays one exact INT32 sum over all key blocks.
+for the exact row max, once for exp, the row sum and quantized P.V against that max. Quantizing p against a running max
+instead would change which grid step each probability lands on; with the final max it lands where the reference puts
+it, and P.V stays one sum over all key blocks (an exact INT32 one for INT8).
 """
 
 from __future__ import annotations
@@ -19,18 +24,22 @@ import torch
 import triton
 import triton.language as tl
 
+from zqhero_fx import dispatch
+from zqhero_fx.formats import INT8, format_of_dtype
 from zqhero_fx.kernels import vnni_cpu
-from zqhero_fx.kernels._select import kernel_choice, wants_triton
 from zqhero_fx.kernels._triton_common import (
-    QMAX_F,
+    accumulator_dtype,
     cast_rne,
     device_guard,
     interpreting,
-    quantize_int8,
-    saturate_round,
+    is_fp8,
+    quantize_by_reciprocal,
+    quantize_to,
+    triton_takes_format,
 )
-from zqhero_fx.kernels.quantize import QMAX
+from zqhero_fx.kernels.quantized_linear import check_output
 
+QMAX = int(INT8.max_value)
 DEFAULT_P_SCALE = 1.0 / QMAX
 
 
@@ -65,8 +74,25 @@ def exact_int_matmul(a: torch.Tensor, b: torch.Tensor, terms) -> torch.Tensor:
     return torch.matmul(a.double(), b.double()).float()
 
 
-def int8_attention_ref(q, k, v, attn_mask, qk_scale, p_scale, out_scale, is_causal, out_dtype):
-    logits = exact_int_matmul(q, k.transpose(-1, -2), q.shape[-1]) * qk_scale
+def repeat_kv_heads(q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+    """K or V with its heads repeated to q's head count (GQA / MQA: each group of H / Hkv query heads shares one)."""
+    if q.dim() != 4 or kv.shape[-3] == q.shape[-3]:
+        return kv
+    heads, kv_heads = q.shape[-3], kv.shape[-3]
+    if kv_heads == 0 or heads % kv_heads:
+        raise ValueError(f"quantized_attention: {heads} query heads cannot share {kv_heads} key/value heads")
+    return kv.repeat_interleave(heads // kv_heads, dim=-3)
+
+
+def _matmul(a: torch.Tensor, b: torch.Tensor, terms: int, integer: bool) -> torch.Tensor:
+    return exact_int_matmul(a, b, terms) if integer else torch.matmul(a.float(), b.float())
+
+
+def quantized_attention_ref(q, k, v, attn_mask, qk_scale, p_scale, out_scale, is_causal, out_dtype):
+    check_output(out_scale, out_dtype, "quantized_attention")
+    k, v = repeat_kv_heads(q, k), repeat_kv_heads(q, v)
+    integer = q.dtype == torch.int8
+    logits = _matmul(q, k.transpose(-1, -2), q.shape[-1], integer) * qk_scale
     mask = attention_logits_mask(attn_mask, is_causal, q.shape[-2], k.shape[-2], q.device)
     if mask is not None:
         logits = logits + mask
@@ -74,11 +100,12 @@ def int8_attention_ref(q, k, v, attn_mask, qk_scale, p_scale, out_scale, is_caus
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
     unnormalised = torch.exp(logits - row_max)
     row_sum = unnormalised.sum(dim=-1, keepdim=True)
-    p_q = torch.round(unnormalised / p_scale).clamp(0, QMAX)
-    acc = exact_int_matmul(p_q, v, k.shape[-2])
+    # Probabilities in q's format, before normalisation (exp(s - rowmax) lies in (0, 1]).
+    p_q = format_of_dtype(q.dtype).quantize(unnormalised, torch.tensor([p_scale])).float()
+    acc = _matmul(p_q, v, k.shape[-2], integer)
     out = acc * p_scale / torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum))
     if out_scale is not None:
-        return torch.round(out / out_scale.float()).clamp(-QMAX, QMAX).to(torch.int8)
+        return format_of_dtype(out_dtype).quantize(out, out_scale)
     return out.to(out_dtype)
 
 
@@ -94,13 +121,17 @@ def _attention_scores(
     cols = start_n + offs_n
     col_valid = cols < seqlen_k
     # K^T tile [BLOCK_D, BLOCK_N] through K's strides: contiguous along D, the reduction dimension, which is the B
-    # layout INT8 tensor cores take, so no transpose is materialised. INT8 x INT8 -> INT32 is exact.
+    # layout 8-bit tensor cores take, so no transpose is materialised. INT8 x INT8 -> INT32 is exact; FP8 x FP8
+    # accumulates exact products in fp32 (a K tile is one head: one promotion into fp32 per tile on sm_90).
     kt = tl.load(
         k_base + offs_d[:, None] * stride_kd + cols[None, :].to(tl.int64) * stride_kn,
         mask=(offs_d < head_dim_qk)[:, None] & col_valid[None, :],
-        other=0,
+        other=0.0,
     )
-    s = tl.dot(q, kt).to(tl.float32) * qk_scale
+    if is_fp8(q.dtype):
+        s = tl.dot(q, kt, max_num_imprecise_acc=q.shape[1]) * qk_scale
+    else:
+        s = tl.dot(q, kt).to(tl.float32) * qk_scale
     # Padding mask, read through broadcast strides (0 on broadcast dims): additive float or boolean keep-mask.
     if MASK_KIND != 0:
         mask_ptrs = mask_base + offs_m[:, None].to(tl.int64) * stride_mm + cols[None, :].to(tl.int64) * stride_mn
@@ -118,7 +149,7 @@ def _attention_scores(
 
 
 @triton.jit
-def _int8_attention_kernel(
+def _quantized_attention_kernel(
     q_ptr, k_ptr, v_ptr, mask_ptr, os_ptr, out_ptr,
     qk_scale, inv_p_scale, p_scale,
     H, seqlen_q, seqlen_k, head_dim_qk, head_dim_v,
@@ -150,7 +181,7 @@ def _int8_attention_kernel(
         q_ptr + b * stride_qb + h * stride_qh
         + offs_m[:, None].to(tl.int64) * stride_qm + offs_dqk[None, :] * stride_qd,
         mask=row_valid[:, None] & (offs_dqk < head_dim_qk)[None, :],
-        other=0,
+        other=0.0,
     )
     # With the causal mask, key blocks past the last query's diagonal are masked for every row here: skip them.
     hi = seqlen_k
@@ -158,7 +189,7 @@ def _int8_attention_kernel(
         hi = tl.minimum(seqlen_k, (pid_m + 1) * BLOCK_M + seqlen_k - seqlen_q)
 
     # Pass 1: the exact row max. Quantizing p against the final max (not a running one) is what the reference does,
-    # and it keeps P.V an exact INT32 sum over all key blocks: no rescaling of the accumulator is ever needed.
+    # and it keeps P.V one sum over all key blocks (exact INT32 for INT8): no rescaling of the accumulator is needed.
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     for start_n in range(0, hi, BLOCK_N):
         s = _attention_scores(
@@ -169,9 +200,10 @@ def _int8_attention_kernel(
     # A fully-masked row has max -inf; 0 instead makes every exp(-inf - 0) = 0, so the row's output is 0.
     m_i = tl.where(m_i == float("-inf"), 0.0, m_i)
 
-    # Pass 2: unnormalised probabilities, their row sum, INT8 quantization with the static p_scale, INT8 P.V.
+    # Pass 2: unnormalised probabilities, their row sum, quantization with the static p_scale into q's format, P.V.
+    P_DTYPE: tl.constexpr = q_ptr.dtype.element_ty
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.int32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=accumulator_dtype(P_DTYPE))
     for start_n in range(0, hi, BLOCK_N):
         s = _attention_scores(
             q, k_base, mask_base, start_n, offs_m, offs_n, offs_dqk, seqlen_q, seqlen_k, head_dim_qk, qk_scale,
@@ -179,16 +211,19 @@ def _int8_attention_kernel(
         )
         p = tl.exp(s - m_i[:, None])
         l_i += tl.sum(p, axis=1)
-        # p in [0, 1]: round(p / p_scale) clamped to [0, 127], by reciprocal (an IEEE division per logit would cost
-        # more than the exp).
-        p_q = saturate_round(p * inv_p_scale, 0.0, QMAX_F).to(tl.int8)
+        # p in [0, 1]: p / p_scale onto the format's grid (INT8 [0, 127], E4M3 [0, 448], ...), saturating, by
+        # reciprocal (an IEEE division per logit would cost more than the exp).
+        p_q = quantize_by_reciprocal(p, inv_p_scale, P_DTYPE)
         cols = start_n + offs_n
         v = tl.load(
             v_base + cols[:, None].to(tl.int64) * stride_vn + offs_dv[None, :] * stride_vd,
             mask=(cols < seqlen_k)[:, None] & (offs_dv < head_dim_v)[None, :],
-            other=0,
+            other=0.0,
         )
-        acc = tl.dot(p_q, v, acc)
+        if is_fp8(P_DTYPE):
+            acc = tl.dot(p_q, v, acc, max_num_imprecise_acc=BLOCK_N)
+        else:
+            acc = tl.dot(p_q, v, acc)
 
     # Normalise once at the end, in the reference's order: acc * p_scale / rowsum (a zero sum only on masked rows).
     out = tl.math.div_rn(acc.to(tl.float32) * p_scale, tl.where(l_i > 0.0, l_i, 1.0)[:, None])
@@ -201,7 +236,7 @@ def _int8_attention_kernel(
             mask=out_mask,
             other=1.0,
         ).to(tl.float32)
-        tl.store(out_ptrs, quantize_int8(out, out_scale), mask=out_mask)
+        tl.store(out_ptrs, quantize_to(out, out_scale, out_ptr.dtype.element_ty), mask=out_mask)
     else:
         tl.store(out_ptrs, cast_rne(out, out_ptr.dtype.element_ty), mask=out_mask)
 
@@ -228,32 +263,33 @@ def _prune_attention_configs(configs, named_args, **kwargs):
     return kept or configs
 
 
-_int8_attention_kernel_tuned = triton.autotune(
+_quantized_attention_kernel_tuned = triton.autotune(
     configs=ATTENTION_CONFIGS,
     key=["sq_bucket", "sk_bucket", "BLOCK_DQK", "BLOCK_DV", "MASK_KIND", "IS_CAUSAL", "QUANT_OUT"],
     prune_configs_by={"early_config_prune": _prune_attention_configs},
-)(_int8_attention_kernel)
+)(_quantized_attention_kernel)
 
 
 # ---------------------------------------------------------------- launcher
-def int8_attention_triton(q, k, v, attn_mask, qk_scale, p_scale, out_scale, is_causal, out_dtype):
+def quantized_attention_triton(q, k, v, attn_mask, qk_scale, p_scale, out_scale, is_causal, out_dtype):
+    check_output(out_scale, out_dtype, "quantized_attention")
     if q.dim() == 3:
         # [B * H, S, D]: a batch of one with B * H heads; the mask and out_scale still broadcast the same way.
-        out = int8_attention_triton(
+        out = quantized_attention_triton(
             q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), attn_mask, qk_scale, p_scale, out_scale, is_causal,
             out_dtype,
         )
         return out.squeeze(0)
     if q.dim() != 4:
-        raise ValueError(f"int8_attention: q must be [B, H, S, D] (or [B*H, S, D]); got {tuple(q.shape)}")
+        raise ValueError(f"quantized_attention: q must be [B, H, S, D] (or [B*H, S, D]); got {tuple(q.shape)}")
     batch, heads, seqlen_q, head_dim_qk = q.shape
     seqlen_k, head_dim_v = k.shape[-2], v.shape[-1]
     if max(head_dim_qk, head_dim_v) > MAX_HEAD_DIM:
         raise ValueError(
-            f"int8_attention: head dims up to {MAX_HEAD_DIM} are supported; got {head_dim_qk}/{head_dim_v}"
+            f"quantized_attention: head dims up to {MAX_HEAD_DIM} are supported; got {head_dim_qk}/{head_dim_v}"
         )
     out_shape = (batch, heads, seqlen_q, head_dim_v)
-    out = torch.empty(out_shape, dtype=torch.int8 if out_scale is not None else out_dtype, device=q.device)
+    out = torch.empty(out_shape, dtype=out_dtype, device=q.device)
     if out.numel() == 0:
         return out
     if seqlen_k == 0:
@@ -292,10 +328,10 @@ def int8_attention_triton(q, k, v, attn_mask, qk_scale, p_scale, out_scale, is_c
             # One small tile, no tuning (the interpreter is slow per program); still exercises tail blocks.
             block_m = min(32, max(16, triton.next_power_of_2(seqlen_q)))
             grid = (triton.cdiv(seqlen_q, block_m), batch * heads)
-            _int8_attention_kernel[grid](*args, **flags, BLOCK_M=block_m, BLOCK_N=32, enable_fp_fusion=False)
+            _quantized_attention_kernel[grid](*args, **flags, BLOCK_M=block_m, BLOCK_N=32, enable_fp_fusion=False)
         else:
             grid = lambda meta: (triton.cdiv(seqlen_q, meta["BLOCK_M"]), batch * heads)  # noqa: E731
-            _int8_attention_kernel_tuned[grid](*args, **flags, enable_fp_fusion=False)
+            _quantized_attention_kernel_tuned[grid](*args, **flags, enable_fp_fusion=False)
     return out
 
 
@@ -319,7 +355,7 @@ def cpu_kernel_applies(q, k, v, attn_mask, out_scale) -> bool:
     return True
 
 
-def int8_attention_cpu(q, k, v, attn_mask, qk_scale, p_scale, out_scale, is_causal, out_dtype):
+def quantized_attention_cpu(q, k, v, attn_mask, qk_scale, p_scale, out_scale, is_causal, out_dtype):
     """Launcher for the fused CPU kernel: operands as 4-D strided views (broadcasts as stride 0), one call."""
     four_d = [vnni_cpu.as_4d(t) for t in (q, k, v)]
     b, h, sq, _ = four_d[0].shape
@@ -334,26 +370,23 @@ def int8_attention_cpu(q, k, v, attn_mask, qk_scale, p_scale, out_scale, is_caus
 
 
 # ---------------------------------------------------------------- registration
-@torch.library.custom_op("zqhero::int8_attention", mutates_args=())
-def int8_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    attn_mask: torch.Tensor | None,
-    qk_scale: float,
-    p_scale: float,
-    out_scale: torch.Tensor | None,
-    is_causal: bool,
-    out_dtype: torch.dtype,
-) -> torch.Tensor:
-    if wants_triton(q):
-        return int8_attention_triton(q, k, v, attn_mask, qk_scale, p_scale, out_scale, is_causal, out_dtype)
-    if kernel_choice() == "auto" and cpu_kernel_applies(q, k, v, attn_mask, out_scale):
-        return int8_attention_cpu(q, k, v, attn_mask, qk_scale, p_scale, out_scale, is_causal, out_dtype)
-    return int8_attention_ref(q, k, v, attn_mask, qk_scale, p_scale, out_scale, is_causal, out_dtype)
+def _triton_takes(q, k, v, attn_mask, qk_scale, p_scale, out_scale, is_causal, out_dtype) -> bool:
+    """q, k, v in one format (INT8, FP8 E4M3 or FP8 E5M2; FP8 on sm_89+) with the same heads (no GQA repeat in the
+    kernel), and a float or INT8 / FP8 output."""
+    return (q.dtype == k.dtype == v.dtype and triton_takes_format(q.dtype, q.device)
+            and q.shape[:-2] == k.shape[:-2] == v.shape[:-2]
+            and (out_scale is None or triton_takes_format(out_dtype, q.device)))
 
 
-@int8_attention.register_fake
-def _(q, k, v, attn_mask, qk_scale, p_scale, out_scale, is_causal, out_dtype):
-    dtype = torch.int8 if out_scale is not None else out_dtype
-    return q.new_empty((*q.shape[:-1], v.shape[-1]), dtype=dtype)
+def _cpu_kernel_takes(q, k, v, attn_mask, qk_scale, p_scale, out_scale, is_causal, out_dtype) -> bool:
+    return (q.dtype == torch.int8 and (out_scale is None or out_dtype == torch.int8)
+            and _triton_takes(q, k, v, attn_mask, qk_scale, p_scale, out_scale, is_causal, out_dtype)
+            and cpu_kernel_applies(q, k, v, attn_mask, out_scale))
+
+
+dispatch.register("quantized_attention", dispatch.KernelSpec(
+    reference=quantized_attention_ref,
+    triton=quantized_attention_triton, triton_applies=_triton_takes,
+    # The fused AVX-512 VNNI kernel: ~4x the Inductor-compiled reference, nothing of size Sq x Sk stored.
+    cpu=quantized_attention_cpu, cpu_applies=_cpu_kernel_takes, cpu_available=lambda: vnni_cpu.extension() is not None,
+    cpu_kernel_beats_inductor=True))

@@ -1,4 +1,5 @@
-"""int8_attention: INT8 QK^T, softmax with INT8 probabilities, INT8 P.V, against the reference.
+"""quantized_attention: INT8 (and FP8) QK^T, softmax with quantized probabilities, quantized P.V, against the
+reference.
 
 The kernel makes two passes over the keys (exact row max, then quantized P.V against it), so it quantizes p exactly as
 the reference does; what differs is only exp's last bit and the order of the row sum. Float outputs therefore agree to
@@ -14,8 +15,19 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.kernels.kernel_checks import DEVICES, assert_int8_close, random_int8, run_reference, run_triton
-from zqhero_fx.kernels import int8_attention as A
+from tests.kernels.kernel_checks import (
+    DEVICES,
+    FP8_DTYPES,
+    assert_int8_close,
+    assert_quantized_close,
+    random_fp8,
+    random_int8,
+    run_reference,
+    run_triton,
+    small_int_fp8,
+)
+from zqhero_fx import formats
+from zqhero_fx.kernels import quantized_attention as A
 from zqhero_fx.kernels import vnni_cpu
 
 P_SCALE = 1.0 / 127
@@ -45,12 +57,13 @@ def make_inputs(b, h, sq, sk, d, seed, *, mask="none", causal=False, out_scale=N
         os_ = torch.tensor([0.5])
     else:
         os_ = None
-    return (q, k, v, m, qk_scale, P_SCALE, os_, causal, out_dtype)
+    # A requantized output is INT8; otherwise the float dtype asked for.
+    return (q, k, v, m, qk_scale, P_SCALE, os_, causal, torch.int8 if os_ is not None else out_dtype)
 
 
 def check(args, device):
-    out = run_triton("int8_attention", device, *args)
-    ref = run_reference("int8_attention", *args)
+    out = run_triton("quantized_attention", device, *args)
+    ref = run_reference("quantized_attention", *args)
     assert_attention_close(out, ref)
     return out, ref
 
@@ -80,26 +93,26 @@ CASES = [  # (B, H, Sq, Sk, D)
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mask", ["none", "float", "bool", "bool_heads", "float_2d"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c)))
-def test_int8_attention_masks(device, case, mask):
+def test_quantized_attention_masks(device, case, mask):
     check(make_inputs(*case, seed=1, mask=mask), device)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("out_scale", ["feature", "scalar"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c)))
-def test_int8_attention_causal_requantized(device, case, out_scale):
+def test_quantized_attention_causal_requantized(device, case, out_scale):
     # Causal with Sq < Sk, Sq > Sk (early queries see no key at all) and Sq == Sk; INT8 output.
     check(make_inputs(*case, seed=2, mask="float", causal=True, out_scale=out_scale), device)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("out_dtype", [torch.float16, torch.bfloat16])
-def test_int8_attention_half_outputs(device, out_dtype):
+def test_quantized_attention_half_outputs(device, out_dtype):
     check(make_inputs(2, 2, 33, 40, 64, seed=3, mask="bool", out_dtype=out_dtype), device)
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_int8_attention_fully_masked_rows_give_zero(device):
+def test_quantized_attention_fully_masked_rows_give_zero(device):
     args = list(make_inputs(2, 2, 6, 20, 32, seed=4, mask="bool"))
     mask = args[3]
     mask[0, :, 2] = False  # query 2 of batch 0 attends to nothing
@@ -110,14 +123,14 @@ def test_int8_attention_fully_masked_rows_give_zero(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_int8_attention_peaked_and_flat_softmax(device):
+def test_quantized_attention_peaked_and_flat_softmax(device):
     # Very sharp logits (one key takes all the mass, p_q = 127 / 0) and very flat ones (every p_q near 127).
     check(make_inputs(1, 2, 20, 50, 64, seed=5, temperature=50.0), device)
     check(make_inputs(1, 2, 20, 50, 64, seed=5, temperature=1e-3), device)
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_int8_attention_strided_heads(device):
+def test_quantized_attention_strided_heads(device):
     # q, k, v as the projections produce them: [B, S, H * D] viewed as [B, S, H, D] and transposed to
     # [B, H, S, D]; V also as a [B, H, D, S] tensor transposed back (K-major for the P.V dot).
     g = torch.Generator().manual_seed(6)
@@ -130,7 +143,7 @@ def test_int8_attention_strided_heads(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_int8_attention_three_dim_inputs(device):
+def test_quantized_attention_three_dim_inputs(device):
     q, k, v, *rest = make_inputs(1, 4, 9, 12, 32, seed=7)
     check((q[0], k[0], v[0], torch.zeros(12), *rest[1:]), device)
 
@@ -143,7 +156,7 @@ def test_int8_attention_three_dim_inputs(device):
     causal=st.booleans(), out_scale=st.sampled_from([None, "feature", "scalar"]),
     temperature=st.sampled_from([0.1, 1.0, 10.0]), seed=st.integers(0, 2**31 - 1),
 )
-def test_int8_attention_hypothesis(device, b, h, sq, sk, d, mask, causal, out_scale, temperature, seed):
+def test_quantized_attention_hypothesis(device, b, h, sq, sk, d, mask, causal, out_scale, temperature, seed):
     check(
         make_inputs(b, h, sq, sk, d, seed, mask=mask, causal=causal, out_scale=out_scale, temperature=temperature),
         device,
@@ -155,7 +168,7 @@ def test_reference_uniform_attention_averages_v():
     # Equal logits: every p is exp(0) = 1 -> p_q = 127, so the output is exactly the mean of V.
     v = random_int8((1, 1, 8, 32), torch.Generator().manual_seed(8))
     q = torch.zeros(1, 1, 3, 32, dtype=torch.int8)
-    out = A.int8_attention_ref(q, q[:, :, :1].expand(1, 1, 8, 32), v, None, 0.1, P_SCALE, None, False, torch.float32)
+    out = A.quantized_attention_ref(q, q[:, :, :1].expand(1, 1, 8, 32), v, None, 0.1, P_SCALE, None, False, torch.float32)
     torch.testing.assert_close(out, v.float().mean(-2, keepdim=True).expand(1, 1, 3, 32), rtol=1e-6, atol=1e-5)
 
 
@@ -166,7 +179,7 @@ def test_reference_quantizes_probabilities_before_normalisation():
     q = torch.tensor([[[[1]]]], dtype=torch.int8)
     v = torch.tensor([[[[100], [-50]]]], dtype=torch.int8)
     mask = torch.tensor([0.0, math.log(0.5)]) - torch.tensor([1.0, 0.0])  # logits 1 - 1 = 0 and log(0.5)
-    out = A.int8_attention_ref(q, k, v, mask, 1.0, P_SCALE, None, False, torch.float32)
+    out = A.quantized_attention_ref(q, k, v, mask, 1.0, P_SCALE, None, False, torch.float32)
     p = torch.exp(torch.tensor([0.0, math.log(0.5)]))
     expected = (torch.round(p / P_SCALE) * torch.tensor([100.0, -50.0])).sum() * P_SCALE / p.sum()
     torch.testing.assert_close(out.flatten(), expected.reshape(1))
@@ -186,7 +199,7 @@ needs_vnni = pytest.mark.skipif(vnni_cpu.extension() is None, reason="no AVX-512
 def check_cpu_kernel(args):
     q, k, v, mask, *_ = args
     assert A.cpu_kernel_applies(q, k, v, mask, args[6])
-    out, ref = A.int8_attention_cpu(*args), A.int8_attention_ref(*args)
+    out, ref = A.quantized_attention_cpu(*args), A.quantized_attention_ref(*args)
     assert_attention_close(out, ref)
     return out, ref
 
@@ -223,7 +236,7 @@ def test_cpu_kernel_edge_cases():
     q = random_int8((b, s, h * d), g).view(b, s, h, d).transpose(1, 2)
     k = random_int8((b, s, h * d), g).view(b, s, h, d).transpose(1, 2)
     v = random_int8((b, h, d, s), g).transpose(-1, -2)
-    check_cpu_kernel((q, k, v, None, 0.001, P_SCALE, torch.tensor([0.3]), True, torch.float32))
+    check_cpu_kernel((q, k, v, None, 0.001, P_SCALE, torch.tensor([0.3]), True, torch.int8))
 
 
 @needs_vnni
@@ -245,12 +258,131 @@ def test_op_runs_the_cpu_kernel_on_auto_and_the_reference_on_request():
 
     args = make_inputs(2, 3, 17, 17, 64, seed=8, mask="float", out_scale="feature")
     with use_kernels("auto"):
-        assert torch.equal(torch.ops.zqhero.int8_attention(*args), A.int8_attention_cpu(*args))
+        assert torch.equal(torch.ops.zqhero.quantized_attention(*args), A.quantized_attention_cpu(*args))
     with use_kernels("reference"):
-        assert torch.equal(torch.ops.zqhero.int8_attention(*args), A.int8_attention_ref(*args))
+        assert torch.equal(torch.ops.zqhero.quantized_attention(*args), A.quantized_attention_ref(*args))
     # operands the kernel does not take (broadcast K/V batch dims) fall back to the reference
     q, k, v, *rest = args
     assert not A.cpu_kernel_applies(q, k[:1], v[:1], None, None)
     narrow = (q, k[:1].expand_as(k), v[:1].expand_as(v), *rest)
     assert A.cpu_kernel_applies(*narrow[:4], narrow[6])  # expanded views are fine: stride 0 batch
     check_cpu_kernel(narrow)
+
+
+# ---------------------------------------------------------------- FP8 (E4M3, E5M2): FP8 Q.K^T, FP8 P, FP8 P.V
+FP8_P_SCALE = {torch.float8_e4m3fn: 1.0 / 448, torch.float8_e5m2: 1.0 / 57344}
+
+
+def make_fp8_inputs(b, h, sq, sk, d, seed, fp8, *, mask="none", causal=False, out_scale=None, out_q=None,
+                    out_dtype=torch.float32, temperature=1.0, exact=False):
+    """q, k, v in one FP8 format. `exact`: small integers (Q.K^T exact in fp32 in any order); otherwise activations of
+    absmax ~ 4 sigma cast to FP8. The mask, causal and out_scale forms are the INT8 tests'."""
+    int8_args = make_inputs(b, h, sq, sk, d, seed, mask=mask, causal=causal, out_scale=out_scale, out_dtype=out_dtype)
+    g = torch.Generator().manual_seed(seed + 1000)
+    if exact:
+        q, k, v = (small_int_fp8(s, fp8, g) for s in ((b, h, sq, d), (b, h, sk, d), (b, h, sk, d)))
+        spread = 4.6  # std of an integer uniform on [-8, 8]
+    else:
+        spread = 64.0
+        q, k, v = (random_fp8(s, fp8, g, spread) for s in ((b, h, sq, d), (b, h, sk, d), (b, h, sk, d)))
+    # Logits of order +-3 at temperature 1.
+    qk_scale = temperature * 3.0 / (spread * spread * math.sqrt(d))
+    os_ = int8_args[6]
+    if os_ is not None:
+        os_ = os_ * 50.0  # outputs are in units of v's values (~64 here, not ~127 / 4)
+    out = (out_q or fp8) if os_ is not None else out_dtype
+    return (q, k, v, int8_args[3], qk_scale, FP8_P_SCALE[fp8], os_, causal, out)
+
+
+def assert_fp8_attention_close(out, ref, args):
+    """Q.K^T and P.V accumulate in fp32 in another order, and exp differs in its last bit: a probability sitting at a
+    rounding boundary of the FP8 grid can move one step, by at most 2**-mantissa_bits of p (<= 1) relative, so its
+    row moves by at most p_scale * step * max|v| / rowsum (rowsum >= 1). Everything else agrees to float rounding."""
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    if out.dtype in (torch.int8, torch.float8_e4m3fn, torch.float8_e5m2):
+        assert_quantized_close(out, ref, fraction=2e-3)
+        return
+    q, v, p_scale = args[0], args[2], args[5]
+    max_step = 2.0 ** -formats.format_of_dtype(q.dtype).mantissa_bits  # the widest grid step relative to p <= 1
+    v_max = float(v.float().abs().max()) if v.numel() else 0.0
+    diff = (out.float() - ref.float()).abs()
+    tight = (1e-4 if out.dtype == torch.float32 else 2e-2) * (1 + ref.float().abs())
+    assert float(diff.max()) <= max_step * v_max + float(tight.max()), float(diff.max())
+    assert (diff > tight).float().mean() <= 2e-3, float((diff > tight).float().mean())
+
+
+def check_fp8(args, device):
+    out = run_triton("quantized_attention", device, *args)
+    ref = run_reference("quantized_attention", *args)
+    assert_fp8_attention_close(out, ref, args)
+    return out, ref
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("fp8", FP8_DTYPES)
+@pytest.mark.parametrize("mask", ["none", "float", "bool", "float_2d"])
+@pytest.mark.parametrize("case", [(1, 1, 1, 1, 32), (2, 3, 17, 17, 64), (2, 2, 5, 130, 64), (1, 1, 130, 7, 32)],
+                         ids=lambda c: "x".join(map(str, c)))
+def test_quantized_attention_fp8_masks(device, case, mask, fp8):
+    check_fp8(make_fp8_inputs(*case, seed=1, fp8=fp8, mask=mask), device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("out_q", [torch.float8_e4m3fn, torch.float8_e5m2, torch.int8], ids=["e4m3", "e5m2", "int8"])
+@pytest.mark.parametrize("out_scale", ["feature", "scalar"])
+@pytest.mark.parametrize("case", [(2, 3, 17, 17, 64), (1, 2, 33, 20, 32)], ids=lambda c: "x".join(map(str, c)))
+def test_quantized_attention_fp8_causal_requantized(device, case, out_scale, out_q):
+    # E4M3 operands, requantized output in either FP8 format or INT8; causal with Sq > Sk too.
+    check_fp8(make_fp8_inputs(*case, seed=2, fp8=torch.float8_e4m3fn, mask="float", causal=True,
+                              out_scale=out_scale, out_q=out_q), device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("fp8", FP8_DTYPES)
+def test_quantized_attention_fp8_exact_logits_half_outputs_and_temperatures(device, fp8):
+    # Integer-valued q, k: Q.K^T is exact, so only exp's last bit and the P.V order differ.
+    for out_dtype in (torch.float16, torch.bfloat16):
+        check_fp8(make_fp8_inputs(2, 2, 33, 40, 64, seed=3, fp8=fp8, mask="bool", out_dtype=out_dtype, exact=True),
+                  device)
+    for temperature in (50.0, 1e-3):  # peaked (one key takes all the mass) and flat (every p at the top binade)
+        check_fp8(make_fp8_inputs(1, 2, 20, 50, 64, seed=5, fp8=fp8, temperature=temperature, exact=True), device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_quantized_attention_fp8_fully_masked_rows_and_3d_inputs(device):
+    fp8 = torch.float8_e4m3fn
+    args = list(make_fp8_inputs(2, 2, 6, 20, 32, seed=4, fp8=fp8, mask="bool"))
+    args[3][0, :, 2] = False
+    args[3][1] = False
+    out, _ = check_fp8(tuple(args), device)
+    assert torch.all(out[0, :, 2] == 0) and torch.all(out[1] == 0) and not torch.isnan(out).any()
+    q, k, v, *rest = make_fp8_inputs(1, 4, 9, 12, 32, seed=7, fp8=fp8)
+    check_fp8((q[0], k[0], v[0], torch.zeros(12), *rest[1:]), device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@settings(deadline=None, max_examples=5)
+@given(
+    b=st.integers(1, 2), h=st.integers(1, 2), sq=st.integers(1, 50), sk=st.integers(1, 50),
+    d=st.sampled_from([32, 64, 48]), mask=st.sampled_from(["none", "float", "bool", "bool_heads"]),
+    causal=st.booleans(), out_scale=st.sampled_from([None, "feature", "scalar"]),
+    fp8=st.sampled_from([torch.float8_e4m3fn, torch.float8_e5m2]), exact=st.booleans(),
+    temperature=st.sampled_from([0.1, 1.0, 10.0]), seed=st.integers(0, 2**31 - 1),
+)
+def test_quantized_attention_fp8_hypothesis(device, b, h, sq, sk, d, mask, causal, out_scale, fp8, exact,
+                                            temperature, seed):
+    check_fp8(make_fp8_inputs(b, h, sq, sk, d, seed, fp8, mask=mask, causal=causal, out_scale=out_scale,
+                              temperature=temperature, exact=exact), device)
+
+
+def test_triton_takes_fp8_in_one_format_only():
+    from zqhero_fx import dispatch
+
+    takes = dispatch.KERNELS["quantized_attention"].triton_applies
+    args = make_fp8_inputs(1, 2, 5, 5, 32, seed=0, fp8=torch.float8_e4m3fn)
+    assert takes(*args)
+    q, k, v, *rest = args
+    assert not takes(q, k, v.to(torch.float8_e5m2), *rest)  # mixed formats: the reference
+    assert not takes(q, k[:, :1], v[:, :1], *rest)  # GQA / MQA: the reference repeats the heads
+    # FP8 never reaches the INT8 VNNI CPU kernel.
+    assert not dispatch.KERNELS["quantized_attention"].cpu_applies(*args)

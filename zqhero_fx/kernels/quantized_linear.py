@@ -1,9 +1,15 @@
-"""INT8 x INT8 -> INT32 GEMM with a fused epilogue.
+"""Quantized GEMM with a fused epilogue: INT8 x INT8 -> INT32 (exact), or FP8 x FP8 accumulated in fp32.
 
-y = act(acc * x_scale * w_scale + bias) (+ residual), then either cast to `out_dtype` or requantized to INT8 as
-round(y / out_scale) for the next INT8 consumer. `xq` is [..., K] int8; `x_scale` is per token ([..., 1]) or a scalar
-([1], the unit scale left after an FWQ fold); `wq` is [N, K] int8, K-major (the layout Hopper's INT8 MMA wants for B);
-`w_scale` is [N]; `out_scale` is [N] (FWQ) or [1] (SQ).
+y = act(acc * x_scale * w_scale + bias) (+ residual), then either cast to `out_dtype` or requantized into `out_dtype`
+(int8 / float8) with `out_scale` for the next quantized consumer. `xq` is [..., K]; `x_scale` is per token ([..., 1])
+or a scalar ([1], the unit scale left after an FWQ fold); `wq` is [N, K], K-major (the layout Hopper's MMA wants for
+B); `w_scale` is [N]; `out_scale` is [N] (FWQ) or [1] (SQ).
+
+The Triton kernel takes INT8 x INT8 (exact INT32 accumulation) and FP8 x FP8 (E4M3 or E5M2, either side; fp32
+accumulation; sm_89+ on a GPU), and writes a float, INT8 or FP8 output: one kernel, the operands' element types pick
+the specialisation. On CPU, float8 operands run the reference (an fp32 matmul of the widened operands): torch 2.13's
+CPU `torch._scaled_mm` widens them the same way and adds copies and scale multiplies, and measured slower at every
+BERT-base shape (benchmarks/bench_fp8_cpu.py), so it is not registered.
 """
 
 from __future__ import annotations
@@ -13,20 +19,23 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from zqhero_fx.kernels._select import wants_triton
+from zqhero_fx import dispatch
+from zqhero_fx.formats import format_of_dtype, is_quantized_dtype
 from zqhero_fx.kernels._triton_common import (
     ACTIVATION_CODES,
+    FP8_DTYPES,
+    accumulator_dtype,
     as_rows,
     cast_rne,
     device_guard,
     epilogue_activation,
     interpreting,
-    quantize_int8,
+    is_fp8,
+    quantize_to,
     row_scale_operand,
+    triton_takes_format,
 )
-from zqhero_fx.kernels.quantize import QMAX
-
-ACTIVATIONS = ("none", "gelu", "gelu_tanh")
+from zqhero_fx.ops import ACTIVATIONS
 
 
 # ---------------------------------------------------------------- reference (the spec)
@@ -50,27 +59,53 @@ def apply_activation(y: torch.Tensor, activation: str) -> torch.Tensor:
         return F.gelu(y)
     if activation == "gelu_tanh":
         return F.gelu(y, approximate="tanh")
-    raise ValueError(f"int8_linear: unknown activation {activation!r}; expected one of {ACTIVATIONS}")
+    if activation == "relu":
+        return F.relu(y)
+    if activation == "silu":
+        return F.silu(y)
+    if activation == "quick_gelu":
+        return y * torch.sigmoid(1.702 * y)
+    raise ValueError(f"quantized_linear: unknown activation {activation!r}; expected one of {ACTIVATIONS}")
 
 
-def int8_linear_ref(xq, x_scale, wq, w_scale, bias, residual, out_scale, activation, out_dtype):
-    lead, k = xq.shape[:-1], xq.shape[-1]
-    acc = int8_matmul_ref(xq.reshape(-1, k), wq)
+def quantized_matmul_ref(a: torch.Tensor, b_nk: torch.Tensor) -> torch.Tensor:
+    """a[M, K] @ b[N, K]^T as float32: exact INT32 for int8 operands, fp32 accumulation of exact products for float8."""
+    if a.dtype == torch.int8 and b_nk.dtype == torch.int8:
+        return int8_matmul_ref(a, b_nk).float()
+    return a.float() @ b_nk.float().t()
+
+
+def check_output(out_scale, out_dtype, op: str) -> None:
+    if out_scale is not None and not is_quantized_dtype(out_dtype):
+        raise ValueError(f"{op}: out_scale is given, so out_dtype must be a quantized dtype (int8, float8), "
+                         f"got {out_dtype}")
+    if out_scale is None and is_quantized_dtype(out_dtype):
+        raise ValueError(f"{op}: out_dtype {out_dtype} is quantized but no out_scale was given")
+
+
+def quantized_linear_ref(xq, x_scale, wq, w_scale, bias, residual, out_scale, activation, out_dtype):
+    check_output(out_scale, out_dtype, "quantized_linear")
+    acc = quantized_matmul_ref(xq.reshape(-1, xq.shape[-1]), wq)
+    return linear_epilogue_ref(acc, xq.shape[:-1], x_scale, w_scale, bias, residual, out_scale, activation, out_dtype)
+
+
+def linear_epilogue_ref(acc, lead, x_scale, w_scale, bias, residual, out_scale, activation, out_dtype):
+    """The reference's epilogue on the float32 accumulator [M, N]: scales, bias, activation, residual, output."""
     row_scale = x_scale.float().reshape(-1, 1) if x_scale.numel() != 1 else x_scale.float().reshape(1, 1)
-    y = acc.float() * row_scale * w_scale.float()
+    y = acc * row_scale * w_scale.float()
     if bias is not None:
         y = y + bias.float()
-    y = apply_activation(y, activation).reshape(*lead, wq.shape[0])
+    y = apply_activation(y, activation).reshape(*lead, acc.shape[1])
     if residual is not None:
         y = y + residual.float()
     if out_scale is not None:
-        return torch.round(y / out_scale.float()).clamp(-QMAX, QMAX).to(torch.int8)
+        return format_of_dtype(out_dtype).quantize(y, out_scale)
     return y.to(out_dtype)
 
 
 # ---------------------------------------------------------------- Triton kernel
 @triton.jit
-def _int8_linear_kernel(
+def _quantized_linear_kernel(
     x_ptr, w_ptr, xs_ptr, ws_ptr, bias_ptr, res_ptr, os_ptr, out_ptr,
     M, N, K,
     m_bucket,  # autotune key only: the next power of two of M, so a new batch size does not re-tune
@@ -99,16 +134,23 @@ def _int8_linear_kernel(
     cols_b = (offs_n % N).to(tl.int64)
     a_ptrs = x_ptr + rows_a[:, None] * stride_xm + offs_k[None, :] * stride_xk
     # B tile [BLOCK_K, BLOCK_N] read straight from the [N, K] K-major weight through its strides: no transposed copy,
-    # and K-contiguous is the B layout Hopper's INT8 wgmma takes.
+    # and K-contiguous is the B layout Hopper's 8-bit wgmma (INT8 and FP8) takes.
     b_ptrs = w_ptr + offs_k[:, None] * stride_wk + cols_b[None, :] * stride_wn
 
-    # INT8 x INT8 -> INT32 main loop: exact integer accumulation.
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    # Main loop. INT8 x INT8 -> INT32: exact integer accumulation. FP8 x FP8 (E4M3 / E5M2, mixed too): the products
+    # are exact in fp32 and accumulate in fp32. On sm_90 an FP8 wgmma chain accumulates at reduced precision, so
+    # max_num_imprecise_acc=BLOCK_K adds each K tile's partial sum into the fp32 accumulator with an ordinary fp32
+    # add (promotion every <= 128 terms, the DeepSeek-V3 recipe); Triton's sm_90 default would never promote.
+    FP8_OPERANDS: tl.constexpr = is_fp8(x_ptr.dtype.element_ty)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=accumulator_dtype(x_ptr.dtype.element_ty))
     for k in range(0, tl.cdiv(K, BLOCK_K)):
         k_left = K - k * BLOCK_K
-        a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0)
-        b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0)
-        acc = tl.dot(a, b, acc)
+        a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+        b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+        if FP8_OPERANDS:
+            acc = tl.dot(a, b, acc, max_num_imprecise_acc=BLOCK_K)
+        else:
+            acc = tl.dot(a, b, acc)
         a_ptrs += BLOCK_K * stride_xk
         b_ptrs += BLOCK_K * stride_wk
 
@@ -128,11 +170,12 @@ def _int8_linear_kernel(
         res = tl.load(res_ptr + rows_out[:, None] * stride_rm + offs_n[None, :] * stride_rn, mask=mask, other=0.0)
         y = y + res.to(tl.float32)
 
-    # Output: float in out_ptr's dtype, or requantized INT8 for the next INT8 consumer.
+    # Output: float in out_ptr's dtype, or requantized (INT8 or FP8: out_ptr's element type) for the next quantized
+    # consumer, with the reference's IEEE division and rounding.
     out_ptrs = out_ptr + rows_out[:, None] * N + offs_n[None, :]
     if QUANT_OUT:
         out_scale = tl.load(os_ptr + offs_n * stride_os, mask=n_mask, other=1.0).to(tl.float32)
-        tl.store(out_ptrs, quantize_int8(y, out_scale[None, :]), mask=mask)
+        tl.store(out_ptrs, quantize_to(y, out_scale[None, :], out_ptr.dtype.element_ty), mask=mask)
     else:
         tl.store(out_ptrs, cast_rne(y, out_ptr.dtype.element_ty), mask=mask)
 
@@ -144,8 +187,8 @@ def _gemm_config(block_m, block_n, block_k, num_warps, num_stages):
     )
 
 
-# Bounded tuning space for A100 (mma.sync m16n8k32) and H100/H200 (wgmma): INT8 tiles are twice as deep in K as the
-# FP16 ones for the same bytes. The largest (128x256x128, 3 stages) needs 144 KiB of shared memory, within both parts'
+# Bounded tuning space for A100 (mma.sync m16n8k32) and H100/H200 (wgmma): 8-bit tiles (INT8 and FP8 alike) are
+# twice as deep in K as the FP16 ones for the same bytes. The largest (128x256x128, 3 stages) needs 144 KiB of shared memory, within both parts'
 # limits; the small-M configs keep decode-like shapes from idling most of a 128-row tile.
 GEMM_CONFIGS = [
     _gemm_config(128, 256, 128, 8, 3),
@@ -168,34 +211,37 @@ def _prune_gemm_configs(configs, named_args, **kwargs):
     return kept or configs
 
 
-_int8_linear_kernel_tuned = triton.autotune(
+# The operand and output dtypes are part of the key: INT8 and FP8 specialisations tune separately.
+_quantized_linear_kernel_tuned = triton.autotune(
     configs=GEMM_CONFIGS,
     key=["m_bucket", "N", "K", "HAS_BIAS", "HAS_RESIDUAL", "ACTIVATION", "QUANT_OUT"],
     prune_configs_by={"early_config_prune": _prune_gemm_configs},
-)(_int8_linear_kernel)
+)(_quantized_linear_kernel)
 
 
 # ---------------------------------------------------------------- launcher
-def int8_linear_triton(xq, x_scale, wq, w_scale, bias, residual, out_scale, activation, out_dtype):
+def quantized_linear_triton(xq, x_scale, wq, w_scale, bias, residual, out_scale, activation, out_dtype):
+    check_output(out_scale, out_dtype, "quantized_linear")
     if activation not in ACTIVATION_CODES:
-        raise ValueError(f"int8_linear: unknown activation {activation!r}; expected one of {ACTIVATIONS}")
+        raise ValueError(f"quantized_linear: the Triton kernel has no {activation!r} epilogue; it has "
+                         f"{tuple(ACTIVATION_CODES)}")
     lead, k = xq.shape[:-1], xq.shape[-1]
     n = wq.shape[0]
     if wq.shape[1] != k:
-        raise ValueError(f"int8_linear: xq has K={k} but wq is {tuple(wq.shape)}")
-    out = torch.empty((*lead, n), dtype=torch.int8 if out_scale is not None else out_dtype, device=xq.device)
+        raise ValueError(f"quantized_linear: xq has K={k} but wq is {tuple(wq.shape)}")
+    out = torch.empty((*lead, n), dtype=out_dtype, device=xq.device)
     x2 = xq.reshape(-1, k)
     m = x2.shape[0]
     if out.numel() == 0:
         return out
-    xs, stride_xs = row_scale_operand(x_scale, m, "int8_linear x_scale")
-    ws, stride_ws = row_scale_operand(w_scale, n, "int8_linear w_scale")
+    xs, stride_xs = row_scale_operand(x_scale, m, "quantized_linear x_scale")
+    ws, stride_ws = row_scale_operand(w_scale, n, "quantized_linear w_scale")
     if residual is not None:
         r2, stride_rm, stride_rn = as_rows(residual, out.shape)
     else:
         r2, stride_rm, stride_rn = out, 0, 0  # never read: HAS_RESIDUAL is False
     if out_scale is not None:
-        os_, stride_os = row_scale_operand(out_scale, n, "int8_linear out_scale")
+        os_, stride_os = row_scale_operand(out_scale, n, "quantized_linear out_scale")
     else:
         os_, stride_os = ws, 0  # never read: QUANT_OUT is False
     args = (
@@ -214,32 +260,21 @@ def int8_linear_triton(xq, x_scale, wq, w_scale, bias, residual, out_scale, acti
         if interpreting():
             cfg = INTERPRETER_CONFIG
             grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
-            _int8_linear_kernel[grid](*args, **flags, **cfg, enable_fp_fusion=False)
+            _quantized_linear_kernel[grid](*args, **flags, **cfg, enable_fp_fusion=False)
         else:
             grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-            _int8_linear_kernel_tuned[grid](*args, **flags, enable_fp_fusion=False)
+            _quantized_linear_kernel_tuned[grid](*args, **flags, enable_fp_fusion=False)
     return out
 
 
 # ---------------------------------------------------------------- registration
-@torch.library.custom_op("zqhero::int8_linear", mutates_args=())
-def int8_linear(
-    xq: torch.Tensor,
-    x_scale: torch.Tensor,
-    wq: torch.Tensor,
-    w_scale: torch.Tensor,
-    bias: torch.Tensor | None,
-    residual: torch.Tensor | None,
-    out_scale: torch.Tensor | None,
-    activation: str,
-    out_dtype: torch.dtype,
-) -> torch.Tensor:
-    if wants_triton(xq):
-        return int8_linear_triton(xq, x_scale, wq, w_scale, bias, residual, out_scale, activation, out_dtype)
-    return int8_linear_ref(xq, x_scale, wq, w_scale, bias, residual, out_scale, activation, out_dtype)
+def _triton_takes(xq, x_scale, wq, w_scale, bias, residual, out_scale, activation, out_dtype) -> bool:
+    """INT8 x INT8 or FP8 x FP8 operands (FP8 on sm_89+), a known epilogue, a float or INT8 / FP8 output."""
+    operands_ok = (xq.dtype == wq.dtype == torch.int8) or (
+        xq.dtype in FP8_DTYPES and wq.dtype in FP8_DTYPES and triton_takes_format(xq.dtype, xq.device))
+    output_ok = out_scale is None or triton_takes_format(out_dtype, xq.device)
+    return operands_ok and output_ok and activation in ACTIVATION_CODES
 
 
-@int8_linear.register_fake
-def _(xq, x_scale, wq, w_scale, bias, residual, out_scale, activation, out_dtype):
-    dtype = torch.int8 if out_scale is not None else out_dtype
-    return xq.new_empty((*xq.shape[:-1], wq.shape[0]), dtype=dtype)
+dispatch.register("quantized_linear", dispatch.KernelSpec(
+    reference=quantized_linear_ref, triton=quantized_linear_triton, triton_applies=_triton_takes))
