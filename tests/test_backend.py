@@ -131,7 +131,7 @@ def test_classifier_with_recording_backend(calibration):
     rec.check_before_ops([torch._C._nn.linear, torch.nn.functional.layer_norm, torch.matmul,
                           torch.nn.functional.softmax], fully_replaced=True)
     rec.check_after_ops(M3_OPS)
-    assert count_ops(rec.graphs_after, zq.quantized_linear.default) == 12  # q, k, v, out, FC1, FC2 per layer
+    assert count_ops(rec.graphs_after, zq.quantized_linear.default) == 13  # q, k, v, out, FC1, FC2 per layer; pooler
     # Dynamo passed the weights as inputs; the frozen float graph holds them as constants named by module path
     frozen = be.graphs[0].float_graph
     targets = {n.target for n in frozen.graph.nodes if n.op == "get_attr"}
@@ -303,7 +303,7 @@ def test_inductor_keeps_zqhero_ops_as_extern_calls(calibration):
         torch.testing.assert_close(compiled(**test).last_hidden_state, reference(**test).last_hidden_state,
                                    rtol=1e-4, atol=1e-4)
     assert len(be.graphs) == 1 and len(code) == 1
-    assert code[0].count("torch.ops.zqhero.quantized_linear.default(") == 12  # extern calls, one per GEMM
+    assert code[0].count("torch.ops.zqhero.quantized_linear.default(") == 13  # extern calls, one per GEMM (pooler too)
     assert code[0].count("torch.ops.zqhero.quantized_attention.default(") == 2
     assert "aten.native_layer_norm" not in code[0]  # the float LayerNorm left is one of Inductor's own kernels
     assert "cpp_fused" in code[0]

@@ -52,3 +52,26 @@ def test_load_rejects_foreign_files(tmp_path):
         zqhero_fx.load(tmp_path / "junk.safetensors")
     with pytest.raises(zqhero_fx.SerializationError, match="no saved model"):
         zqhero_fx.load(tmp_path / "missing.safetensors")
+
+
+def test_fp8_model_round_trips(bert_traced, bert_calibration, tmp_path):
+    _, gm = bert_traced("h64_l2")
+    q = zqhero_fx.convert(gm, "M3-fp8", calibration=bert_calibration)
+    path = zqhero_fx.save(q, tmp_path / "m3-fp8.safetensors")
+    raw = path.read_bytes()
+    header = json.loads(raw[8:8 + struct.unpack("<Q", raw[:8])[0]])
+    assert "F8_E4M3" in {v["dtype"] for k, v in header.items() if k != "__metadata__"}
+    loaded = zqhero_fx.load(path)
+    test = bert_batch(2, 9, seed=5)
+    with torch.no_grad():
+        assert torch.equal(q(**test).last_hidden_state, loaded(**test).last_hidden_state)
+    assert loaded.meta["zqhero"]["activation_format"] == "fp8_e4m3"
+
+
+def test_files_of_the_int8_only_format_are_refused_with_a_reason(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.ones(2)}, str(tmp_path / "old.safetensors"),
+              metadata={"zqhero_fx": json.dumps({"format": "zqhero_fx.graph/1", "nodes": []})})
+    with pytest.raises(zqhero_fx.SerializationError, match="older zqhero_fx.*convert the model again"):
+        zqhero_fx.load(tmp_path / "old.safetensors")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+from typing import Callable
 import re
 
 import torch

@@ -20,7 +20,7 @@ from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
 
 from zqhero_fx.errors import SerializationError
 
-FORMAT = "zqhero_fx.graph/1"
+FORMAT = "zqhero_fx.graph/2"  # /2: the format-neutral op names of zqhero_fx/ops.py
 _OP_NAMESPACES = {"aten", "zqhero"}
 _FUNCTION_MODULES = {"operator", "_operator", "builtins", "math", "torch", "torch.nn.functional", "torch._C._nn",
                      "torch.functional", "torch.fx.experimental.sym_node"}
@@ -142,7 +142,9 @@ def save(gm: fx.GraphModule, path) -> Path:
             raise SerializationError(f"cannot save the model's input/output structure: {error}") from error
     state = gm.meta.get("zqhero", {})
     config = state.get("config")
-    meta["zqhero"] = {"mode": getattr(config, "name", None), "lowered": state.get("lowered", {})}
+    meta["zqhero"] = {"mode": getattr(config, "name", None), "lowered": state.get("lowered", {}),
+                      "activation_format": getattr(config, "activation_format", None),
+                      "weight_format": getattr(config, "weight_format", None)}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path), metadata={"zqhero_fx": json.dumps(meta)})
@@ -165,6 +167,9 @@ def load(path) -> fx.GraphModule:
     if header is None:
         raise SerializationError(f"{path} has no zqhero_fx graph in its metadata")
     meta = json.loads(header)
+    if meta.get("format") == "zqhero_fx.graph/1":
+        raise SerializationError(f"{path} was saved by an older zqhero_fx whose ops had INT8-only names "
+                                 "(int8_linear, int8_attention, ...); convert the model again and save it anew")
     if meta.get("format") != FORMAT:
         raise SerializationError(f"{path}: unsupported format {meta.get('format')!r} (expected {FORMAT})")
     graph = fx.Graph()

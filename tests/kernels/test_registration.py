@@ -84,18 +84,32 @@ def test_every_op_has_a_reference_and_a_registration():
 
 @pytest.mark.parametrize("name, args", FP8_CALLS, ids=[f"{n}-fp8-{i}" for i, (n, _) in enumerate(FP8_CALLS)])
 def test_opcheck_fp8(name, args):
-    # The same schemas carry FP8 operands; the reference implements them (no Triton kernel yet: forcing one is an
-    # error naming the op and the dtypes, not a wrong answer).
-    # opcheck's schema test compares float8 inputs with ops torch does not implement for float8 (mul), so it runs
-    # only where the inputs are float; the fake-tensor and AOT-dispatch checks run everywhere.
+    # The same schemas carry FP8 operands. opcheck's schema test compares float8 inputs with ops torch does not
+    # implement for float8 (mul), so it runs only where the inputs are float; the fake-tensor and AOT-dispatch checks
+    # run everywhere.
     fp8_inputs = any(isinstance(a, torch.Tensor) and a.dtype == FP8 for a in args)
     utils = ("test_faketensor", "test_aot_dispatch_dynamic") if fp8_inputs else (
         "test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
     with use_kernels("reference"):
         torch.library.opcheck(getattr(torch.ops.zqhero, name).default, args, test_utils=utils)
-    if INTERPRET:
+
+
+@pytest.mark.skipif(not INTERPRET, reason="needs TRITON_INTERPRET=1")
+@pytest.mark.parametrize("name, args", FP8_CALLS, ids=[f"{n}-fp8-{i}" for i, (n, _) in enumerate(FP8_CALLS)])
+def test_fp8_operands_run_their_triton_kernel_or_say_why_not(name, args):
+    op = getattr(torch.ops.zqhero, name)
+    with use_kernels("reference"):
+        expected = op(*args)
+    if name == "quantized_attention" and args[1].shape[1] != args[0].shape[1]:
+        # K/V heads shared by several query heads: the reference repeats them; the kernel takes H == Hkv only.
         with use_kernels("triton"), pytest.raises(NotImplementedError, match=f"zqhero::{name}.*float8"):
-            getattr(torch.ops.zqhero, name)(*args)
+            op(*args)
+        return
+    with use_kernels("triton"):
+        got = op(*args)
+    for g, e in zip(got if isinstance(got, tuple) else (got,), expected if isinstance(expected, tuple) else (expected,)):
+        assert g.dtype == e.dtype and g.shape == e.shape
+        torch.testing.assert_close(g.float(), e.float(), rtol=1e-5, atol=1e-5)
 
 
 def test_a_quantized_output_needs_a_quantized_dtype():

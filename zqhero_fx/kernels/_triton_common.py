@@ -113,7 +113,7 @@ def saturate_round(x, lo, hi):
 
 @triton.constexpr_function
 def format_max(dtype):
-    """The largest magnitude a quantized element type holds (a compile-time constant): INT8 127, E4M3 448, E5M2 57344."""
+    """The largest magnitude a quantized element type holds, a compile-time constant: INT8 127, E4M3 448, E5M2 57344."""
     if dtype == tl.int8:
         return QMAX_F.value
     if dtype == tl.float8e4nv:

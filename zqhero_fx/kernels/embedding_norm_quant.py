@@ -58,7 +58,9 @@ def _check_inputs(indices, tables, scales):
             if scale.numel() != 0:
                 raise ValueError("embedding_norm_quant: a float table takes an empty scale tensor")
         else:
-            raise ValueError(f"embedding_norm_quant: tables must be quantized (int8, float8) or float, got {table.dtype}")
+            raise ValueError(
+                f"embedding_norm_quant: tables must be quantized (int8, float8) or float, got {table.dtype}"
+            )
     return torch.broadcast_shapes(*(i.shape for i in indices)), tables[0].shape[-1]
 
 

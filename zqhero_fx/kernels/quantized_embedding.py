@@ -45,7 +45,8 @@ def _quantized_embedding_kernel(
     tl.device_assert(idx_valid | ~tok_valid, "quantized_embedding: index out of range")
     tok_valid = tok_valid & idx_valid
     mask = mask & idx_valid[:, None]
-    # Gather the quantized rows (int8 or float8 codes) and their scale (stride_sv = 0 for one scale per table), dequantize in fp32.
+    # Gather the quantized rows (int8 or float8 codes) and their scale (stride_sv = 0 for one scale per table),
+    # dequantize in fp32 (widening a code to fp32 is exact).
     rows = tl.load(table_ptr + idx[:, None] * stride_tv + cols[None, :] * stride_td, mask=mask, other=0.0)
     scale = tl.load(scale_ptr + idx * stride_sv, mask=tok_valid, other=0.0).to(tl.float32)
     out = rows.to(tl.float32) * scale[:, None]

@@ -188,8 +188,9 @@ def _gemm_config(block_m, block_n, block_k, num_warps, num_stages):
 
 
 # Bounded tuning space for A100 (mma.sync m16n8k32) and H100/H200 (wgmma): 8-bit tiles (INT8 and FP8 alike) are
-# twice as deep in K as the FP16 ones for the same bytes. The largest (128x256x128, 3 stages) needs 144 KiB of shared memory, within both parts'
-# limits; the small-M configs keep decode-like shapes from idling most of a 128-row tile.
+# twice as deep in K as the FP16 ones for the same bytes. The largest (128x256x128, 3 stages) needs 144 KiB of shared
+# memory, within both parts' limits; the small-M configs keep decode-like shapes from idling most of a 128-row tile.
+# FP8 (sm_89+: Ada, H100/H200) uses the same tiles: its operands have INT8's size.
 GEMM_CONFIGS = [
     _gemm_config(128, 256, 128, 8, 3),
     _gemm_config(256, 128, 128, 8, 3),

@@ -24,8 +24,6 @@ from zqhero_fx.errors import ConfigError
 from zqhero_fx.formats import Format, Scheme, get_format
 from zqhero_fx.modes import QuantConfig
 from zqhero_fx.passes._graph import (
-    ATTENTION,
-    EMBEDDING,
     add_constant,
     aten,
     is_float_tensor,
