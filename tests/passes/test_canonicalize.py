@@ -1,3 +1,5 @@
+import math
+
 import torch
 
 import zqhero_fx
@@ -54,3 +56,60 @@ def test_unknown_modules_stay():
     _, after = _canonical(gm, (torch.randn(2, 3, 8, 8),))
     assert [n.target for n in after.graph.nodes if n.op == "call_module"] == ["conv", "bn"]
     assert count(after, LINEAR) == 1 and count(after, LAYER_NORM) == 1
+
+
+class _FamilySpellings(torch.nn.Module):
+    """The model-family spellings canonicalize turns into one op each, written as the Hugging Face models write them:
+    Llama's and Gemma's RMSNorm, GPT-2's Conv1D (addmm with an [in, out] weight), GPT-2's gelu_new, torch.relu."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.w_llama = torch.nn.Parameter(torch.rand(16) + 0.5)
+        self.w_gemma = torch.nn.Parameter(torch.randn(16) * 0.1)
+        self.conv1d_w = torch.nn.Parameter(torch.randn(16, 24) * 0.2)
+        self.conv1d_b = torch.nn.Parameter(torch.randn(24))
+
+    def forward(self, x):
+        h = x.to(torch.float32)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+        h = self.w_llama * h.to(x.dtype)  # Llama
+        g = h.float()
+        g = g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + 1e-6)
+        g = (g * (1.0 + self.w_gemma.float())).type_as(h)  # Gemma
+        flat = torch.addmm(self.conv1d_b, g.view(-1, g.size(-1)), self.conv1d_w)
+        y = flat.view(g.size()[:-1] + (24,))  # GPT-2 Conv1D
+        y = 0.5 * y * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (y + 0.044715 * torch.pow(y, 3.0))))  # gelu_new
+        return torch.relu(y)
+
+
+def test_family_spellings_become_one_op_each():
+    model = _FamilySpellings().eval()
+    x = torch.randn(2, 5, 16)
+    gm = zqhero_fx.trace(model, (x,))
+    before, after = _canonical(gm, (x,))
+    assert count(before, aten.rsqrt.default) == 2 and count(before, aten.addmm.default) == 1
+    assert count(after, aten.rms_norm.default) == 2 and count(after, aten.rsqrt.default) == 0
+    assert count(after, aten.addmm.default) == 0 and count(after, LINEAR) == 1
+    assert count(after, aten.tanh.default) == 0
+    gelus = [n for n in after.graph.nodes if n.target is GELU]
+    assert len(gelus) == 1 and gelus[0].kwargs["approximate"] == "tanh"
+    assert count(after, aten._assert_tensor_metadata.default) == 0
+    linear = next(n for n in after.graph.nodes if n.target is LINEAR)
+    assert linear.args[1].target.endswith("_nk") and linear.args[0].meta["val"].dim() == 3  # Wᵀ, views removed
+    gemma_weight = [n.args[2] for n in after.graph.nodes if n.target is aten.rms_norm.default][1]
+    torch.testing.assert_close(getattr(after, gemma_weight.target.split(".")[-1]), 1.0 + model.w_gemma.detach())
+    for shape in ((2, 5, 16), (3, 7, 16)):
+        flat = flatten_inputs(gm, (torch.randn(*shape),))
+        torch.testing.assert_close(run_flat(after, flat), run_flat(before, flat), rtol=1e-5, atol=1e-5)
+
+
+def test_torch_level_activations_become_aten_ops():
+    class Acts(torch.nn.Module):
+        def forward(self, x):
+            return torch.tanh(torch.nn.functional.silu(torch.relu(x))).sigmoid()
+
+    gm = torch.fx.symbolic_trace(Acts())
+    _, after = _canonical(gm, (torch.randn(2, 4),))
+    targets = [n.target for n in after.graph.nodes if n.op in ("call_function", "call_method")]
+    assert targets == [aten.relu.default, aten.silu.default, aten.tanh.default, aten.sigmoid.default]

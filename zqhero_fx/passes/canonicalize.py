@@ -127,7 +127,8 @@ def _function_call(node: fx.Node):
     if fn in _GELU_FNS:
         return GELU, (x,), {"approximate": _arg(node, 1, "approximate", "none")}
     for target, (fns, method, _) in _ACTIVATIONS.items():
-        if (fn in fns or (method is not None and name == method)) and len(node.args) == 1 and not node.kwargs:
+        if (fn in fns or (method is not None and name == method)) and len(node.args) == 1 \
+                and not _arg(node, 1, "inplace", False) and set(node.kwargs) <= {"inplace"}:
             return target, (x,), {}
     if (fn in _SOFTMAX_FNS or name == "softmax") and _arg(node, 2, "dtype") is None:
         dim = _arg(node, 1, "dim")
