@@ -247,3 +247,16 @@ class TestBadInput:
             zqhero_fx.convert(gm, "M1")
         q = zqhero_fx.convert(gm, "M1", example_inputs=(torch.randn(2, 4, 16),))
         assert "zqhero.quantized_linear.default" in zqhero_fx.ops_histogram(q)
+
+
+def test_fp8_on_a_gpu_without_fp8_is_refused_by_name(monkeypatch):
+    from zqhero_fx import api
+    from zqhero_fx.modes import MODES
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    with pytest.raises(zqhero_fx.ConfigError, match="fp8_e4m3.*sm_89.*sm_80"):
+        api.check_device_runs(MODES["M3-fp8"], torch.device("cuda", 0))
+    api.check_device_runs(MODES["M3"], torch.device("cuda", 0))  # INT8 runs there
+    api.check_device_runs(MODES["M3-fp8"], torch.device("cpu"))  # the CPU runs FP8 through the references
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    api.check_device_runs(MODES["M3-fp8"], torch.device("cuda", 0))

@@ -69,18 +69,10 @@ def _check_coverage(q, mode):
     return coverage
 
 
-# Measured below the bar, kept visible: CLIP's random text encoder in FP8 E4M3 M3 gives 19.3-20.8 dB depending on the
-# held-out batches (INT8 M3: 23.5-27.6 dB); the loss is spread over every site (out_proj the largest, +1.6 dB when
-# float), as FP8's 3-bit mantissa predicts. strict: the day it passes, this marker must go.
-KNOWN_BELOW_BAR = {("clip_text", "M3-fp8")}
-
-
 def _cases():
     for name in REQUIRED:
         for mode in ("M1", "M2", "M3", "M3-fp8"):
-            marks = [pytest.mark.xfail(strict=True, reason="FP8 M3 on random CLIP text: ~20 dB, see KNOWN_BELOW_BAR")] \
-                if (name, mode) in KNOWN_BELOW_BAR else []
-            yield pytest.param(name, mode, marks=marks, id=f"{name}-{mode}")
+            yield pytest.param(name, mode, id=f"{name}-{mode}")
 
 
 @pytest.mark.parametrize("name, mode", list(_cases()))

@@ -10,7 +10,7 @@ import torch
 import torch.fx as fx
 
 from zqhero_fx.capture import flatten_inputs
-from zqhero_fx.errors import CalibrationError, CaptureError, CoverageError, ZqheroError
+from zqhero_fx.errors import CalibrationError, CaptureError, ConfigError, CoverageError, ZqheroError
 from zqhero_fx.modes import QuantConfig, resolve_mode, resolve_overrides
 from zqhero_fx.pipeline import build_pipeline, run_pipeline
 
@@ -33,6 +33,23 @@ def _calibration_batches(gm: fx.GraphModule, calibration, config: QuantConfig) -
     if not batches and config.needs_calibration:
         raise CalibrationError(f"mode {config.name} needs calibration data, but the calibration iterable was empty")
     return batches
+
+
+def check_device_runs(config: QuantConfig, device: torch.device) -> None:
+    """Refuse a format the device has no arithmetic for: FP8 needs an sm_89+ GPU (Ada, Hopper); on the CPU every
+    8-bit format runs (FP8 through the PyTorch reference, see docs/kernels.md)."""
+    if device.type != "cuda" or config.activations.kind != "float":
+        return
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < (8, 9):
+        raise ConfigError(f"mode {config.name} computes in {config.activation_format}, which needs an sm_89 or newer "
+                          f"GPU (Ada, Hopper); {device} is sm_{major}{minor}: use an INT8 mode there")
+
+
+def _device_of(gm: fx.GraphModule) -> torch.device:
+    for tensor in list(gm.parameters()) + list(gm.buffers()):
+        return tensor.device
+    return torch.device("cpu")
 
 
 class CoverageWarning(UserWarning):
@@ -86,6 +103,7 @@ def convert(traced_module: fx.GraphModule, mode, *, calibration=None, overrides=
     if not isinstance(traced_module, fx.GraphModule):
         raise CaptureError(f"convert takes a GraphModule, got {type(traced_module).__name__}: capture the model first "
                            "with zqhero_fx.trace(model, example_inputs)")
+    check_device_runs(config, _device_of(traced_module))
     with warnings.catch_warnings():  # torch's own pytree spec copy warns about a deprecated isinstance check
         warnings.simplefilter("ignore", FutureWarning)
         gm = copy.deepcopy(traced_module)

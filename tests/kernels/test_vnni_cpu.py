@@ -181,6 +181,7 @@ print(json.dumps({{"built": ext is not None, "name": getattr(ext, "__name__", No
 
 
 @pytest.mark.skipif(not B.cpu_features()["avx512_vnni"], reason="the CPU lacks AVX-512 VNNI")
+@pytest.mark.slow  # two from-scratch C++ builds, ~35 s each
 @pytest.mark.parametrize("before", [
     "import setuptools, distutils",
     # what the asset fetcher's pip check does on a fresh machine: it switches setuptools' distutils shim off, and the

@@ -65,9 +65,18 @@ class Precisions:
                 )
 
 
+# Static scales come from calibration ranges that unseen inputs may exceed. A float format's relative precision is the
+# same in every binade, so one binade of headroom (scale x 2) costs only its lowest subnormal binade and keeps values up
+# to twice the calibrated range from saturating (measured on random models, FP8 E4M3: +1.4 dB CLIP text M3, +1.8 dB
+# M2, +4 dB BERT M2, +0.7 dB Llama M3; 4x gains nothing more). An integer grid would lose a bit of resolution
+# everywhere instead, so INT8 keeps absmax / 127.
+FLOAT_STATIC_HEADROOM = 2.0
+
+
 def static_scale(value_range: torch.Tensor, per_feature: bool, fmt: Format) -> torch.Tensor:
     r = value_range.float() if per_feature else value_range.float().amax().reshape(1)
-    return fmt.scale_for(r)
+    scale = fmt.scale_for(r)
+    return scale * FLOAT_STATIC_HEADROOM if fmt.kind == "float" else scale
 
 
 def _call(gm, target, args, kwargs=None, *, after=None, before=None):
