@@ -16,8 +16,7 @@ from tests.kernels.kernel_checks import (
     FP8_DTYPE_LIST,
     FP8_DTYPES,
     assert_float_close,
-    assert_fp8_close,
-    assert_int8_close,
+    assert_quantized_close,
     random_activations,
     run_reference,
     run_triton,
@@ -38,9 +37,10 @@ def make_inputs(shape, dtype, seed, residual=True, bias=True, kind="normal", res
 
 
 def check(out, ref, dtype):
+    """INT8 or FP8 outputs (compared in code units: one step on a small fraction), scale, normed and summed."""
     q, scale, normed, summed = out
     q_ref, scale_ref, normed_ref, summed_ref = ref
-    assert_int8_close(q, q_ref)
+    assert_quantized_close(q, q_ref)
     assert scale.shape == scale_ref.shape and scale.dtype == torch.float32
     torch.testing.assert_close(scale, scale_ref, rtol=1e-5, atol=0)
     assert normed.shape == normed_ref.shape and normed.dtype == normed_ref.dtype
@@ -149,18 +149,6 @@ def test_norm_quant_rejects_rows_too_wide_for_registers():
 
 
 # ---------------------------------------------------------------- FP8 outputs (E4M3, E5M2), LayerNorm and RMSNorm
-def check_fp8(out, ref, dtype):
-    """As `check`, with the quantized output compared in FP8 code units (one grid step on a small fraction)."""
-    q, scale, normed, summed = out
-    q_ref, scale_ref, normed_ref, summed_ref = ref
-    assert_fp8_close(q, q_ref)
-    assert scale.shape == scale_ref.shape and scale.dtype == torch.float32
-    torch.testing.assert_close(scale, scale_ref, rtol=1e-5, atol=0)
-    assert normed.shape == normed_ref.shape and normed.dtype == normed_ref.dtype
-    if normed.numel():
-        assert_float_close(normed, normed_ref, dtype)
-    assert summed.shape == summed_ref.shape and summed.dtype == summed_ref.dtype
-    assert torch.equal(summed, summed_ref)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -173,7 +161,7 @@ def test_norm_quant_fp8_all_outputs(device, shape, dtype, kind, fp8):
     args = (x, r, w, b, 1e-5, True, True, kind, fp8)
     out = run_triton("norm_quant", device, *args)
     assert out[0].dtype == fp8
-    check_fp8(out, run_reference("norm_quant", *args), dtype)
+    check(out, run_reference("norm_quant", *args), dtype)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -187,12 +175,12 @@ def test_norm_quant_fp8_zero_rows_and_flags(device, kind, fp8):
     q, scale, normed, summed = run_triton("norm_quant", device, *args)
     assert torch.all(q[1::2].float() == 0) and torch.all(scale[1::2] == MIN_SCALE)
     assert not torch.isnan(normed).any() and not torch.isnan(q.float()).any()
-    check_fp8((q, scale, normed, summed), run_reference("norm_quant", *args), torch.float32)
+    check((q, scale, normed, summed), run_reference("norm_quant", *args), torch.float32)
     # No residual, no bias, nothing emitted; the absmax element lands on +-max exactly.
     x, _, w, _ = make_inputs((9, 70), torch.float16, 2, residual=False)
     args = (x, None, w, None, 1e-12, False, False, kind, fp8)
     out = run_triton("norm_quant", device, *args)
-    check_fp8(out, run_reference("norm_quant", *args), torch.float16)
+    check(out, run_reference("norm_quant", *args), torch.float16)
     assert torch.all(out[0].float().abs().amax(-1) == torch.finfo(fp8).max)
 
 
@@ -207,4 +195,4 @@ def test_norm_quant_fp8_zero_rows_and_flags(device, kind, fp8):
 def test_norm_quant_fp8_hypothesis(device, lead, hidden, dtype, residual, bias, kind, fp8, inputs, seed):
     x, r, w, b = make_inputs((*lead, hidden), dtype, seed, residual, bias, inputs)
     args = (x, r, w, b, 1e-5, True, True, kind, fp8)
-    check_fp8(run_triton("norm_quant", device, *args), run_reference("norm_quant", *args), dtype)
+    check(run_triton("norm_quant", device, *args), run_reference("norm_quant", *args), dtype)
