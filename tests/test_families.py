@@ -69,10 +69,17 @@ def _check_coverage(q, mode):
     return coverage
 
 
+# The default suite: every family in M3 (every site) and M3-fp8, and M1/M2 on one pre-norm RMSNorm decoder, one
+# Conv1D decoder and one post-LN encoder; the slow suite (run by CI) covers every family in every mode.
+DEFAULT = {(name, mode) for name in REQUIRED for mode in ("M3", "M3-fp8")} | {
+    ("llama", "M1"), ("llama", "M2"), ("gpt2", "M1"), ("gpt2", "M2"), ("bert", "M1"), ("bert", "M2")}
+
+
 def _cases():
     for name in REQUIRED:
         for mode in ("M1", "M2", "M3", "M3-fp8"):
-            yield pytest.param(name, mode, id=f"{name}-{mode}")
+            if (name, mode) in DEFAULT:
+                yield pytest.param(name, mode, id=f"{name}-{mode}")
 
 
 @pytest.mark.parametrize("name, mode", list(_cases()))
@@ -90,7 +97,7 @@ def test_family_converts_quantizes_and_stays_close(captured, name, mode):
 @pytest.mark.parametrize("mode", ["M1", "M2", "M3", "M1-fp8", "M2-fp8", "M3-fp8"])
 @pytest.mark.parametrize("name", EXTRA + REQUIRED)
 def test_every_family_in_every_mode(captured, name, mode):
-    if name in REQUIRED and mode in ("M1", "M2", "M3", "M3-fp8"):
+    if (name, mode) in DEFAULT:
         pytest.skip("in the default suite")
     q, db = _convert(captured, name, mode)
     _check_coverage(q, mode)
