@@ -1,5 +1,6 @@
 """zqhero_fx.compile: Inductor with the zqhero ops decomposed on CPU — same numbers, one compile for all shapes."""
 
+import pytest
 import torch
 
 import zqhero_fx
@@ -7,9 +8,11 @@ from tests.harness import RecordingBackend  # noqa: F401  (harness import keeps 
 from tests.models import bert_batch, sqnr_db
 
 
-def test_compiled_converted_model_matches_and_is_shape_generic(bert_traced, bert_calibration):
+@pytest.mark.parametrize("mode", ["M3", "M3-fp8"])
+def test_compiled_converted_model_matches_and_is_shape_generic(bert_traced, bert_calibration, mode):
+    # FP8 too: its references (widen to fp32, matmul, epilogue) decompose for Inductor like INT8's.
     model, gm = bert_traced("h64_l2")
-    q = zqhero_fx.convert(gm, "M3", calibration=bert_calibration)
+    q = zqhero_fx.convert(gm, mode, calibration=bert_calibration)
     torch._dynamo.reset()
     fast = zqhero_fx.compile(q)
     frames_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
