@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import os
 import warnings
 
 import torch
 import torch.fx as fx
 
+from zqhero_fx import dispatch
 from zqhero_fx.capture import flatten_inputs
 from zqhero_fx.errors import CalibrationError, CaptureError, ConfigError, CoverageError, ZqheroError
 from zqhero_fx.modes import QuantConfig, resolve_mode, resolve_overrides
@@ -38,18 +40,16 @@ def _calibration_batches(gm: fx.GraphModule, calibration, config: QuantConfig) -
 def check_device_runs(config: QuantConfig, device: torch.device) -> None:
     """Refuse a format the device has no arithmetic for: FP8 needs an sm_89+ GPU (Ada, Hopper); on the CPU every
     8-bit format runs (FP8 through the PyTorch reference, see docs/kernels.md)."""
-    if device.type != "cuda" or config.activations.kind != "float":
+    if config.activations.kind != "float" or dispatch.fp8_runs_on(device):
         return
     major, minor = torch.cuda.get_device_capability(device)
-    if (major, minor) < (8, 9):
-        raise ConfigError(f"mode {config.name} computes in {config.activation_format}, which needs an sm_89 or newer "
-                          f"GPU (Ada, Hopper); {device} is sm_{major}{minor}: use an INT8 mode there")
+    raise ConfigError(f"mode {config.name} computes in {config.activation_format}, which needs an sm_89 or newer "
+                      f"GPU (Ada, Hopper); {device} is sm_{major}{minor}: use an INT8 mode there")
 
 
 def _device_of(gm: fx.GraphModule) -> torch.device:
-    for tensor in list(gm.parameters()) + list(gm.buffers()):
-        return tensor.device
-    return torch.device("cpu")
+    tensor = next(itertools.chain(gm.parameters(), gm.buffers()), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
 
 
 class CoverageWarning(UserWarning):

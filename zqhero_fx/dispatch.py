@@ -87,6 +87,14 @@ def triton_usable(device: torch.device) -> bool:
     return device.type == "cuda" or os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def fp8_runs_on(device: torch.device) -> bool:
+    """FP8 conversions and FP8 matmuls need an sm_89 or newer GPU (Ada, Hopper); the CPU (references) and the Triton
+    interpreter take them anywhere."""
+    if device.type != "cuda":
+        return True
+    return torch.cuda.get_device_capability(device) >= (8, 9)
+
+
 def _first_tensor(args) -> torch.Tensor:
     for a in args:
         if isinstance(a, torch.Tensor):
@@ -154,4 +162,4 @@ def decompositions(keep_fast_cpu_kernels: bool = True) -> dict:
 
 
 __all__ = ["KernelSpec", "KERNELS", "register", "select", "run", "decompositions", "kernel_choice", "use_kernels",
-           "triton_usable", "CHOICES"]
+           "triton_usable", "fp8_runs_on", "CHOICES"]

@@ -30,6 +30,21 @@ from zqhero_fx.kernels import quantized_linear as LIN
 SHAPES = [(1, 16, 8), (5, 33, 17), (37, 96, 130), (64, 200, 70), (96, 768, 64)]
 
 
+def epilogue_operands(g, lead, n, *, x_scale, w_scale, bias, residual, out_scale, out_dtype, out_floor):
+    """(x_scale, w_scale, bias, residual, out_scale) for an [*lead, N] output, drawn from `g` in that order."""
+    xs = torch.rand((*lead, 1), generator=g) * 0.02 + 1e-3 if x_scale == "token" else torch.rand(1, generator=g) * 0.02
+    ws = torch.rand(n if w_scale == "channel" else 1, generator=g) * 0.02 + 1e-3
+    b = torch.randn(n, generator=g) if bias else None
+    r = random_activations((*lead, n), out_dtype, g) if residual else None
+    if out_scale == "channel":
+        os_ = torch.rand(n, generator=g) * 0.02 + out_floor
+    elif out_scale == "scalar":
+        os_ = torch.rand(1, generator=g) * 0.02 + out_floor
+    else:
+        os_ = None
+    return xs, ws, b, r, os_
+
+
 def make_inputs(
     m, k, n, seed, *, lead=None, x_scale="token", w_scale="channel", bias=True, residual=False,
     out_scale=None, activation="none", out_dtype=torch.float32, outliers=False,
@@ -41,16 +56,8 @@ def make_inputs(
     if outliers:  # saturating rows: every product at the INT8 extremes
         xq.view(-1, k)[0] = 127
         wq[0] = -127
-    xs = torch.rand((*lead, 1), generator=g) * 0.02 + 1e-3 if x_scale == "token" else torch.rand(1, generator=g) * 0.02
-    ws = torch.rand(n if w_scale == "channel" else 1, generator=g) * 0.02 + 1e-3
-    b = torch.randn(n, generator=g) if bias else None
-    r = random_activations((*lead, n), out_dtype, g) if residual else None
-    if out_scale == "channel":
-        os_ = torch.rand(n, generator=g) * 0.02 + 0.005
-    elif out_scale == "scalar":
-        os_ = torch.rand(1, generator=g) * 0.02 + 0.005
-    else:
-        os_ = None
+    xs, ws, b, r, os_ = epilogue_operands(g, lead, n, x_scale=x_scale, w_scale=w_scale, bias=bias, residual=residual,
+                                          out_scale=out_scale, out_dtype=out_dtype, out_floor=0.005)
     # A requantized output is INT8; otherwise the float dtype asked for.
     return (xq, xs, wq, ws, b, r, os_, activation, torch.int8 if os_ is not None else out_dtype)
 
@@ -185,16 +192,8 @@ def make_fp8_inputs(
     if outliers:  # saturating rows: every product at the same extreme
         xq.view(-1, k)[0] = 8.0
         wq[0] = -8.0
-    xs = torch.rand((*lead, 1), generator=g) * 0.02 + 1e-3 if x_scale == "token" else torch.rand(1, generator=g) * 0.02
-    ws = torch.rand(n, generator=g) * 0.02 + 1e-3
-    b = torch.randn(n, generator=g) if bias else None
-    r = random_activations((*lead, n), out_dtype, g) if residual else None
-    if out_scale == "channel":
-        os_ = torch.rand(n, generator=g) * 0.02 + 0.001
-    elif out_scale == "scalar":
-        os_ = torch.rand(1, generator=g) * 0.02 + 0.001
-    else:
-        os_ = None
+    xs, ws, b, r, os_ = epilogue_operands(g, lead, n, x_scale=x_scale, w_scale="channel", bias=bias,
+                                          residual=residual, out_scale=out_scale, out_dtype=out_dtype, out_floor=0.001)
     return (xq, xs, wq, ws, b, r, os_, activation, out_q if os_ is not None else out_dtype)
 
 

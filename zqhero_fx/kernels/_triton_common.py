@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from zqhero_fx.dispatch import fp8_runs_on
+
 # Globals a @triton.jit function reads must be tl.constexpr instances. QMAX_F / MIN_SCALE_F mirror quantize.QMAX
 # and quantize.MIN_SCALE (a test pins them together; importing quantize here would be circular).
 QMAX_F = tl.constexpr(127.0)
@@ -65,13 +67,6 @@ def as_rows(t: torch.Tensor, shape: torch.Size) -> tuple[torch.Tensor, int, int]
     except RuntimeError:
         flat = expanded.reshape(-1, cols)
     return flat, flat.stride(0), flat.stride(1)
-
-
-def fp8_runs_on(device: torch.device) -> bool:
-    """FP8 conversions and FP8 tl.dot need sm_89 or newer (Ada, Hopper); the interpreter takes them anywhere."""
-    if device.type != "cuda":
-        return True
-    return torch.cuda.get_device_capability(device) >= (8, 9)
 
 
 def triton_takes_format(dtype: torch.dtype, device: torch.device) -> bool:

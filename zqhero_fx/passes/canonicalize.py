@@ -303,6 +303,18 @@ def _rms_core(rsqrt: fx.Node):
     return None
 
 
+def _rms_weight(gm: fx.GraphModule, factor):
+    """(parameter node, its tensor, whether the model multiplies by 1 + w) for RMSNorm's scale factor, else None."""
+    weight = _uncast(factor) if isinstance(factor, fx.Node) else None
+    if param_of(gm, weight) is not None:
+        return weight, param_of(gm, weight), False
+    if is_op(factor, aten.add.Tensor, aten.add.Scalar):  # Gemma: x̂ · (1 + w)
+        node = next((a for a in factor.args if isinstance(a, fx.Node)), None)
+        if node is not None and _scalar(_other(factor, node), 1.0) and param_of(gm, _uncast(node)) is not None:
+            return _uncast(node), param_of(gm, _uncast(node)), True
+    return None
+
+
 def _fuse_rms_norms(gm: fx.GraphModule) -> None:
     for rsqrt in [n for n in gm.graph.nodes if is_op(n, aten.rsqrt.default)]:
         core = _rms_core(rsqrt)
@@ -317,19 +329,13 @@ def _fuse_rms_norms(gm: fx.GraphModule) -> None:
         scale = next(iter(out.users))
         if not is_op(scale, aten.mul.Tensor):
             continue
-        weight = _other(scale, out)
-        tensor = param_of(gm, _uncast(weight)) if isinstance(weight, fx.Node) else None
-        one_plus = None
-        if tensor is None and is_op(weight, aten.add.Tensor, aten.add.Scalar):  # Gemma: x̂ · (1 + w)
-            one_plus = weight
-            w_node = _uncast(next((a for a in weight.args if isinstance(a, fx.Node)), None))
-            if _scalar(_other(weight, weight.args[0] if isinstance(weight.args[0], fx.Node) else weight.args[1]), 1.0):
-                tensor = param_of(gm, w_node)
-        if tensor is None or tensor.dim() != 1 or val(x) is None or str(val(x).shape[-1]) != str(tensor.shape[0]):
+        found = _rms_weight(gm, _other(scale, out))
+        if found is None:
             continue
-        weight_node = _uncast(weight) if one_plus is None else _uncast(next(a for a in one_plus.args
-                                                                           if isinstance(a, fx.Node)))
-        if one_plus is not None:
+        weight_node, tensor, plus_one = found
+        if tensor.dim() != 1 or val(x) is None or str(val(x).shape[-1]) != str(tensor.shape[0]):
+            continue
+        if plus_one:
             weight_node = _register_weight(gm, weight_node.target, "weight_plus_one", 1.0 + tensor.float(), rsqrt)
         with gm.graph.inserting_before(scale):
             fused = gm.graph.call_function(RMS_NORM, (x, [int(tensor.shape[0])], weight_node, eps))

@@ -138,6 +138,12 @@ class _Inserter:
     def const(self, hint, tensor, before):
         return add_constant(self.gm, hint, tensor, before=before)
 
+    def per_token(self, x: fx.Node, dtype: torch.dtype) -> tuple[fx.Node, fx.Node]:
+        """quantize_per_token(x) and its two outputs (values, scales), at the graph's current insertion point."""
+        qt = self.gm.graph.call_function(zq.quantize_per_token.default, (x, dtype))
+        return (self.gm.graph.call_function(operator.getitem, (qt, 0)),
+                self.gm.graph.call_function(operator.getitem, (qt, 1)))
+
     def mark(self, node: fx.Node, fmt: Format, scheme) -> None:
         record = state(node)
         record.precision, record.scheme = fmt.name, scheme
@@ -150,15 +156,12 @@ class _Inserter:
         if chain:
             # Rows picked or reshaped after the norm (a pooler's [CLS] row, a flattened batch): quantize them here,
             # per token, as a standalone op.
-            qt = _call(self.gm, zq.quantize_per_token.default, (x, dtype), before=gemm)
-            xq = _call(self.gm, operator.getitem, (qt, 0), before=gemm)
-            sx = _call(self.gm, operator.getitem, (qt, 1), before=gemm)
+            with self.gm.graph.inserting_before(gemm):
+                xq, sx = self.per_token(x, dtype)
         else:
             if (norm, dtype) not in self.twq:
-                qt = _call(self.gm, zq.quantize_per_token.default, (norm, dtype), after=norm)
-                xq = _call(self.gm, operator.getitem, (qt, 0), after=qt)
-                sx = _call(self.gm, operator.getitem, (qt, 1), after=xq)
-                self.twq[(norm, dtype)] = (xq, sx)
+                with self.gm.graph.inserting_before(norm.next):  # right after the norm, in creation order
+                    self.twq[(norm, dtype)] = self.per_token(norm, dtype)
             xq, sx = self.twq[(norm, dtype)]
         deq = _call(self.gm, zq.dequantize.default, (xq, sx), before=gemm)
         gemm.replace_input_with(x, deq)
@@ -227,7 +230,6 @@ class _Inserter:
         deq = _call(self.gm, zq.dequantize.default, (tq_node, s_node), {"out_dtype": table.dtype}, before=emb)
         emb.replace_input_with(emb.args[0], deq)
         self.mark(emb, fmt, Scheme.SQ)
-        state(emb).attention_schemes = None
 
     # -- FP16 / BF16 fallback: the module computes in that dtype, the rest of the graph does not notice
     def cast_float(self, node: fx.Node, precision: str, tensor_args: list[int]) -> None:

@@ -12,7 +12,7 @@ import operator
 import torch
 import torch.fx as fx
 
-from zqhero_fx.formats import get_format, is_quantized_dtype
+from zqhero_fx.formats import Scheme, get_format, is_quantized_dtype
 from zqhero_fx.modes import QuantConfig
 from zqhero_fx.passes._graph import (
     add_constant,
@@ -82,14 +82,19 @@ def _pattern_embedding_norm_quant(i0, i1, i2, i3, t0, t1, t2, t3, s0, s1, s2, s3
 
 
 # ---------------------------------------------------------------- builders
-def _replace(old: fx.Node, new: fx.Node, origin: fx.Node, scale=None, state_from: fx.Node | None = None) -> None:
-    """Swap `old` for `new`; `origin` is the float node whose value `new` reproduces (times `scale` if quantized)."""
+def _adopt(old: fx.Node, new: fx.Node, source: fx.Node, **state_changes) -> None:
+    """Swap `old` for `new`, which takes `old`'s value and `source`'s provenance and pass state."""
     new.meta["val"] = old.meta.get("val")
     for key in ("nn_module_stack", "stack_trace"):
-        if key in (state_from or origin).meta:
-            new.meta[key] = (state_from or origin).meta[key]
-    copy_state(state_from or origin, new, origin=origin.name, origin_scale=scale)
+        if key in source.meta:
+            new.meta[key] = source.meta[key]
+    copy_state(source, new, **state_changes)
     old.replace_all_uses_with(new)
+
+
+def _replace(old: fx.Node, new: fx.Node, origin: fx.Node, scale=None, state_from: fx.Node | None = None) -> None:
+    """Swap `old` for `new`; `origin` is the float node whose value `new` reproduces (times `scale` if quantized)."""
+    _adopt(old, new, state_from or origin, origin=origin.name, origin_scale=scale)
 
 
 def _is_unit(gm, scale) -> bool:
@@ -117,7 +122,7 @@ def build_norm_quant(gm: fx.GraphModule, m: Match) -> bool:
                                      and val(x) is not None and val(residual) is not None
                                      and val(x).shape == val(residual).shape):
         return False  # a broadcasting add is not a residual stream: the no-residual variant takes the norm alone
-    kind = m.variant.get("kind", "layer")
+    kind = m.variant["kind"]
     bias = m.get("bias") if kind == "layer" else None
     eps = m["eps"] if m["eps"] is not None else torch.finfo(val(normed).dtype).eps
     other_normed = [u for u in normed.users if u is not quant]
@@ -127,7 +132,7 @@ def build_norm_quant(gm: fx.GraphModule, m: Match) -> bool:
         fused = gm.graph.call_function(zq.norm_quant.default, (
             x, residual, weight, bias, float(eps), bool(other_normed), bool(other_sum), kind, m["dtype"]))
     _replace(quant, fused, normed)
-    state(fused).scheme = "twq"
+    state(fused).scheme = Scheme.TWQ
     for index, old, users in ((2, normed, other_normed), (3, summed, other_sum)):
         if users:
             with gm.graph.inserting_after(fused):
@@ -139,7 +144,7 @@ def build_norm_quant(gm: fx.GraphModule, m: Match) -> bool:
 
 
 def _activation(m: Match) -> str | None:
-    act = m.variant.get("act", "none")
+    act = m.variant["act"]
     if act == "gelu":
         return {"none": "gelu", "tanh": "gelu_tanh"}.get(m.get("approximate") or "none")
     if act == "quick_gelu":
@@ -158,7 +163,7 @@ def build_quantized_linear(gm: fx.GraphModule, m: Match, config: QuantConfig) ->
             or not is_quantized_dtype(val(xq).dtype):
         return False
     last = m.output
-    out_scale = m.get("out_scale") if m.variant.get("quant", True) else None
+    out_scale = m.get("out_scale") if m.variant["quant"] else None
     if out_scale is not None and param_of(gm, out_scale) is None:
         return False  # a dynamic output scale has no fused form
     fmt = _weight_format(config, linear)
@@ -188,7 +193,7 @@ def build_quantized_attention(gm: fx.GraphModule, m: Match, config: QuantConfig)
         else config.activations
     p_scale = config.softmax_scale if config.softmax_scale is not None else 1.0 / fmt.max_value
     last = m.output
-    out_scale = m.get("out_scale") if m.variant.get("quant", True) else None
+    out_scale = m.get("out_scale") if m.variant["quant"] else None
     if out_scale is not None and param_of(gm, out_scale) is None:
         return False
     out_dtype = m["out_dtype"] if out_scale is not None else val(attn).dtype
@@ -217,18 +222,13 @@ def build_embedding_norm_quant(gm: fx.GraphModule, m: Match) -> bool:
     """norm_quant(Σ quantized_embedding(ids_i, T_i)) => zqhero.embedding_norm_quant(ids, T): one pass."""
     if m["emit_sum"] or m["kind"] != "layer":
         return False  # the sum itself is needed elsewhere, or an RMSNorm: no fused kernel for it
-    n = m.variant.get("tables", 3)
+    n = m.variant["tables"]
     lnq = m.output
     with gm.graph.inserting_before(lnq):
         fused = gm.graph.call_function(zq.embedding_norm_quant.default, (
             [m[f"i{i}"] for i in range(n)], [m[f"t{i}"] for i in range(n)], [m[f"s{i}"] for i in range(n)],
             m["weight"], m["bias"], m["eps"], m["emit_normed"], m["dtype"]))
-    copy_state(lnq, fused)
-    fused.meta["val"] = lnq.meta.get("val")
-    for key in ("nn_module_stack", "stack_trace"):
-        if key in lnq.meta:
-            fused.meta[key] = lnq.meta[key]
-    lnq.replace_all_uses_with(fused)  # outputs 0, 1, 2 (q, scale, normed) line up; output 3 was not emitted
+    _adopt(lnq, fused, lnq)  # outputs 0, 1, 2 (q, scale, normed) line up; output 3 was not emitted
     return True
 
 

@@ -21,7 +21,18 @@ import torch
 import torch.fx as fx
 
 from zqhero_fx.formats import Scheme
-from zqhero_fx.passes._graph import ATTENTION, EMBEDDING, LAYER_NORM, LAYOUT_OPS, LINEAR, RMS_NORM, aten, is_op, val
+from zqhero_fx.passes._graph import (
+    ATTENTION,
+    EMBEDDING,
+    LAYER_NORM,
+    LAYOUT_OPS,
+    LINEAR,
+    RMS_NORM,
+    aten,
+    is_op,
+    param_of,
+    val,
+)
 
 
 class Role(enum.Enum):
@@ -98,11 +109,11 @@ def _picks_rows(node: fx.Node) -> bool:
 
 
 def norm_source(x: fx.Node) -> tuple[fx.Node | None, list[fx.Node]]:
-    """The norm that produces `x` through row-preserving layout ops (each the only user of its input), and that
-    chain (top first); (None, []) when `x` is not a norm's rows."""
+    """The norm that produces `x` through row-preserving layout ops, and that chain (top first); (None, []) when `x`
+    is not a norm's rows."""
     chain = []
     node = x
-    while role(node) is Role.LAYOUT or is_op(node, aten.select.int, aten.slice.Tensor):
+    while role(node) is Role.LAYOUT:
         row_op = node.target in ROW_PRESERVING or _picks_rows(node)
         if not row_op or not _last_dim_kept(node) or not isinstance(node.args[0], fx.Node):
             return None, []
@@ -173,9 +184,8 @@ def gemm_input_scheme(gemm: fx.Node) -> tuple[Scheme | None, str]:
 
 
 def is_weight_gemm(gm: fx.GraphModule, node: fx.Node) -> bool:
-    from zqhero_fx.passes._graph import param_of
-
-    return role(node) is Role.GEMM and param_of(gm, node.args[1]) is not None and param_of(gm, node.args[1]).dim() == 2
+    weight = param_of(gm, node.args[1]) if role(node) is Role.GEMM else None
+    return weight is not None and weight.dim() == 2
 
 
 __all__ = ["Role", "ROLES", "NORM_KINDS", "role", "describe", "norm_source", "compute_roots", "gemm_input_scheme",

@@ -15,6 +15,7 @@ import torch
 import torch.fx as fx
 
 from zqhero_fx.formats import Scheme
+from zqhero_fx.modes import FLOAT_PRECISIONS
 
 KEY = "zq"
 
@@ -55,9 +56,6 @@ def state(node: fx.Node) -> NodeState:
 def peek(node: fx.Node) -> NodeState | None:
     """The node's record if a pass wrote one, without creating it."""
     return node.meta.get(KEY)
-
-
-FLOAT_PRECISIONS = ("fp32", "fp16", "bf16")
 
 
 def is_quantized(node: fx.Node) -> bool:
