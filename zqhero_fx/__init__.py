@@ -9,6 +9,7 @@
 from zqhero_fx import ops  # noqa: F401  (registers torch.ops.zqhero.*)
 from zqhero_fx.api import CoverageWarning, convert, coverage_of, ops_histogram
 from zqhero_fx.capture import trace
+from zqhero_fx.decoder import generate
 from zqhero_fx.errors import (
     CalibrationError,
     CaptureError,
@@ -27,7 +28,7 @@ from zqhero_fx.inductor import compile
 from zqhero_fx.backend import ZqheroBackend, backend
 
 __all__ = [
-    "trace", "convert", "coverage_of", "compile", "save", "load", "backend", "ZqheroBackend", "ops_histogram",
+    "trace", "convert", "generate", "coverage_of", "compile", "save", "load", "backend", "ZqheroBackend", "ops_histogram",
     "use_kernels", "MODES", "QuantConfig", "FORMATS", "Format", "get_format", "CoverageWarning",
     "ZqheroError", "CaptureError", "ConfigError", "CalibrationError", "CoverageError", "FoldError", "PassError",
     "SerializationError",

@@ -66,15 +66,27 @@ def _dynamic_shapes(model, args, kwargs):
     return {k: specs(v) for k, v in bound.arguments.items()}
 
 
-def trace(model: torch.nn.Module, example_inputs) -> fx.GraphModule:
+def trace(model: torch.nn.Module, example_inputs, *, max_cache_len: int | None = None,
+          max_batch: int | None = None) -> fx.GraphModule:
     """Capture `model` (any nn.Module, Hugging Face models included) as a GraphModule with torch.export.
 
     `example_inputs` is a tuple of positional args or a dict of keyword args. Batch and sequence dims are exported as
     dynamic, so the converted model accepts other sizes; use examples with batch and sequence > 1 (export specialises
     a size-1 dim). The returned module takes the same arguments and returns the same structure as the model.
+
+    A Hugging Face `*ForCausalLM` with its cache on (the default) is captured as a decoder step graph with the KV cache
+    as inputs, for sequences of up to `max_cache_len` tokens and batches of up to `max_batch`
+    (zqhero_fx/decoder.py; run it with `zqhero_fx.generate` or `zqhero_fx.decoder.prefill_logits`).
     """
     if not isinstance(model, torch.nn.Module):
         raise CaptureError(f"trace takes an nn.Module, got {type(model).__name__}")
+    from zqhero_fx import decoder
+
+    if decoder.is_causal_lm_with_cache(model):
+        return decoder.trace_decoder(model, example_inputs, max_cache_len=max_cache_len, max_batch=max_batch)
+    if max_cache_len is not None or max_batch is not None:
+        raise CaptureError(f"max_cache_len and max_batch are for causal LMs with a KV cache; {type(model).__name__} "
+                           "is captured without one")
     args, kwargs = split_inputs(example_inputs)
     dynamic = _dynamic_shapes(model, args, kwargs)
     try:
@@ -101,7 +113,15 @@ def placeholders(gm: fx.GraphModule) -> list[fx.Node]:
 
 
 def flatten_inputs(gm: fx.GraphModule, inputs, what: str = "input") -> list:
-    """The flat list of placeholder values for one batch given as a tuple, a dict, or a single tensor."""
+    """The flat list of placeholder values for one batch given as a tuple, a dict, or a single tensor. A decoder step
+    graph also takes {"input_ids", "attention_mask"} alone: a prefill from an empty cache."""
+    if "zqhero_decoder" in gm.meta:
+        from zqhero_fx import decoder
+
+        flat = decoder.complete_inputs(gm, inputs)
+        if flat is not None:
+            inputs = (*flat[:4], flat[4:4 + gm.meta["zqhero_decoder"].num_layers],
+                      flat[4 + gm.meta["zqhero_decoder"].num_layers:])
     args, kwargs = split_inputs(inputs, what)
     codegen = gm.graph._codegen
     if isinstance(codegen, _PyTreeCodeGen) and codegen.pytree_info.in_spec is not None:
