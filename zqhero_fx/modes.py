@@ -46,6 +46,9 @@ class QuantConfig:
     # Scale of the quantized softmax probabilities; None: 1 / the activation format's max (exp(s - rowmax) lies in
     # (0, 1], so that covers it exactly: 1/127 for INT8, 1/448 for FP8 E4M3).
     softmax_scale: float | None = None
+    # Decoders: when attention is quantized, the KV cache stores K and V in the activation format with the
+    # attention's static scales (passes/quantize_kv_cache.py); False keeps a float cache.
+    quantize_kv_cache: bool = True
     # Device whose ridge point labels nodes memory- or compute-bound (see passes/classify.py).
     device: str = "cpu"
 

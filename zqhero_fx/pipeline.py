@@ -15,7 +15,8 @@ import torch.fx as fx
 
 from zqhero_fx.errors import PassError, ZqheroError
 from zqhero_fx.modes import QuantConfig
-from zqhero_fx.passes import calibrate, canonicalize, classify, clean_up, fold_scales, insert_qdq, lower, propagate_meta
+from zqhero_fx.passes import (calibrate, canonicalize, classify, clean_up, fold_scales, insert_qdq, lower,
+                              propagate_meta, quantize_kv_cache)
 
 
 def build_pipeline(config: QuantConfig, calibration: list, overrides: dict[str, str]):
@@ -28,6 +29,7 @@ def build_pipeline(config: QuantConfig, calibration: list, overrides: dict[str, 
         ("insert_qdq", functools.partial(insert_qdq, config=config, overrides=overrides)),
         ("fold_scales", fold_scales),
         ("lower", functools.partial(lower, config=config)),
+        ("quantize_kv_cache", functools.partial(quantize_kv_cache, config=config)),
         ("classify_lowered", functools.partial(classify, device=config.device)),
         ("clean_up", clean_up),
     )

@@ -9,6 +9,7 @@ from zqhero_fx.passes.fold_scales import fold_scales
 from zqhero_fx.passes.insert_qdq import insert_qdq
 from zqhero_fx.passes.lower import lower
 from zqhero_fx.passes.propagate_meta import propagate_meta
+from zqhero_fx.passes.quantize_kv_cache import quantize_kv_cache
 
 PASSES = {
     "canonicalize": canonicalize,
@@ -18,6 +19,7 @@ PASSES = {
     "insert_qdq": insert_qdq,
     "fold_scales": fold_scales,
     "lower": lower,
+    "quantize_kv_cache": quantize_kv_cache,
     "clean_up": clean_up,
 }
 

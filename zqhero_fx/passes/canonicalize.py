@@ -4,7 +4,8 @@ in passes/_graph.py, parameters become get_attr nodes, eval-mode dropout disappe
 matmul(q, kᵀ) [·scale] [+mask] → softmax → matmul(·, v) becomes one scaled_dot_product_attention node. Model-family
 spellings become one op each: RMSNorm written out (Llama, Qwen2, Mistral, Phi-3, T5; Gemma's (1 + w)) becomes
 aten.rms_norm, GPT-2's Conv1D addmm and matmul-with-a-weight become aten.linear, the tanh-GeLU polynomial
-(GPT-2's gelu_new) becomes aten.gelu(approximate="tanh").
+(GPT-2's gelu_new) becomes aten.gelu(approximate="tanh"), and attention on K/V heads repeated for GQA/MQA
+(repeat_kv) becomes attention with enable_gqa on the unrepeated heads.
 Needs node.meta["val"]; ops it does not know stay as they are (and stay in floating point).
 """
 
@@ -146,14 +147,16 @@ def _function_call(node: fx.Node):
     if fn in _ATTENTION_FNS:
         return ATTENTION, (x, _arg(node, 1, "key"), _arg(node, 2, "value")), {
             "attn_mask": _arg(node, 3, "attn_mask"), "dropout_p": _arg(node, 4, "dropout_p", 0.0),
-            "is_causal": _arg(node, 5, "is_causal", False), "scale": _arg(node, 6, "scale")}
+            "is_causal": _arg(node, 5, "is_causal", False), "scale": _arg(node, 6, "scale"),
+            "enable_gqa": _arg(node, 7, "enable_gqa", False)}
     if is_op(node, aten.dropout.default) and not _arg(node, 2, "train", False):
         return "identity"
     if is_op(node, ATTENTION):
         # One argument layout for attention, whatever the front end wrote.
         return ATTENTION, tuple(node.args[:3]), {
             "attn_mask": _arg(node, 3, "attn_mask"), "dropout_p": _arg(node, 4, "dropout_p", 0.0),
-            "is_causal": _arg(node, 5, "is_causal", False), "scale": _arg(node, 6, "scale")}
+            "is_causal": _arg(node, 5, "is_causal", False), "scale": _arg(node, 6, "scale"),
+            "enable_gqa": _arg(node, 7, "enable_gqa", False)}
     if is_op(node, aten._softmax.default) and not node.args[2]:
         return SOFTMAX, (x, node.args[1]), {}
     return _layout_call(node)
@@ -232,6 +235,38 @@ def _fuse_eager_attention(gm: fx.GraphModule) -> None:
         pv.replace_all_uses_with(attn)
         for dead in (pv, softmax):
             gm.graph.erase_node(dead)
+
+
+def _unrepeated_kv(node: fx.Node) -> fx.Node | None:
+    """x when `node` is Hugging Face's repeat_kv of x: x[:, :, None].expand(b, hkv, n, s, d).reshape(b, hkv*n, s, d)."""
+    if not is_op(node, aten.reshape.default, aten.view.default, aten._unsafe_view.default):
+        return None
+    expand = node.args[0]
+    if not is_op(expand, aten.expand.default) or len(expand.users) != 1:
+        return None
+    inner = expand.args[0]
+    if not is_op(inner, aten.unsqueeze.default) or inner.args[1] != 2 or len(inner.users) != 1:
+        return None
+    x = inner.args[0]
+    x_val, out_val = val(x), val(node)
+    if x_val is None or out_val is None or x_val.dim() != 4 or out_val.dim() != 4:
+        return None
+    b, hkv, s, d = x_val.shape
+    same = [b, s, d] == [out_val.shape[0], out_val.shape[2], out_val.shape[3]]
+    return x if same and hkv != out_val.shape[1] else None
+
+
+def _grouped_attention(gm: fx.GraphModule) -> None:
+    """Attention on repeated K/V heads (GQA/MQA spelled as repeat_kv) -> attention with enable_gqa on the Hkv heads,
+    so kernels read each K/V head once and a KV cache keeps Hkv heads, never the H repeated ones."""
+    for node in list(gm.graph.nodes):
+        if not is_op(node, ATTENTION) or node.kwargs.get("enable_gqa"):
+            continue
+        k, v = _unrepeated_kv(node.args[1]), _unrepeated_kv(node.args[2])
+        if k is None or v is None or val(k).shape[1] != val(v).shape[1]:
+            continue
+        node.args = (node.args[0], k, v, *node.args[3:])
+        node.kwargs = {**node.kwargs, "enable_gqa": True}
 
 
 # ---------------------------------------------------------------- model-family spellings
@@ -404,6 +439,7 @@ def canonicalize(gm: fx.GraphModule) -> fx.GraphModule:
     eliminate_dead_code(gm)
     _fuse_eager_attention(gm)
     _drop_checks_and_noop_casts(gm)
+    _grouped_attention(gm)
     _fuse_rms_norms(gm)
     _conv1d_as_linear(gm)
     _tanh_gelus(gm)
