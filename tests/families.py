@@ -248,5 +248,19 @@ def build(name: str, batch: int = BATCH, seq: int = SEQ, seed: int = 0) -> tuple
     return family.build(), family.inputs(batch, seq, seed)
 
 
-__all__ = ["Family", "FAMILIES", "build", "last_hidden", "encoder_inputs", "decoder_inputs", "bart_inputs",
+CAUSAL_LMS = ["gpt2", "opt", "llama", "qwen2", "mistral", "phi3", "gemma"]
+
+
+def causal_lm(name: str, seed: int = 0) -> nn.Module:
+    """The family's `*ForCausalLM` (GPT-2: GPT2LMHeadModel) with the same tiny sizes and its KV cache on, as Hugging
+    Face configs default to; seeded, eval mode."""
+    import transformers
+
+    config = FAMILIES[name].build().config
+    config.use_cache = True
+    torch.manual_seed(seed)
+    return transformers.AutoModelForCausalLM.from_config(config, attn_implementation=ATTN).eval()
+
+
+__all__ = ["CAUSAL_LMS", "causal_lm", "Family", "FAMILIES", "build", "last_hidden", "encoder_inputs", "decoder_inputs", "bart_inputs",
            "vit_inputs", "clip_text_inputs"]

@@ -338,9 +338,25 @@ def complete_inputs(gm: fx.GraphModule, inputs) -> list | None:
     return step_inputs(gm, ids, mask)
 
 
+def check_cache(gm: fx.GraphModule, keys: list, values: list) -> None:
+    """Refuse caches whose count or dtypes differ from the graph's cache inputs (a float cache for an INT8 graph)."""
+    expected = cache_dtypes(gm)
+    if len(keys) != len(expected) or len(values) != len(expected):
+        raise CaptureError(f"the graph takes {len(expected)} key and value caches, got {len(keys)} and {len(values)}")
+    for i, ((k_dtype, v_dtype), k, v) in enumerate(zip(expected, keys, values)):
+        for name, want, got in ((f"key_cache_{i}", k_dtype, k), (f"value_cache_{i}", v_dtype, v)):
+            if not isinstance(got, torch.Tensor) or got.dtype != want:
+                have = got.dtype if isinstance(got, torch.Tensor) else type(got).__name__
+                raise CaptureError(f"{name} is {have}, but this graph keeps its cache as {want}: allocate it with "
+                                   "zqhero_fx.decoder.step_inputs or new_cache(spec, ..., cache_dtypes(graph))")
+
+
 def run_step(gm: fx.GraphModule, flat: list) -> torch.Tensor:
+    """One step on flat inputs [input_ids, position_ids, cache_position, attention_mask, *keys, *values]."""
     layers = spec_of(gm).num_layers
-    return gm(*flat[:4], list(flat[4:4 + layers]), list(flat[4 + layers:]))
+    keys, values = list(flat[4:4 + layers]), list(flat[4 + layers:])
+    check_cache(gm, keys, values)
+    return gm(*flat[:4], keys, values)
 
 
 def prefill_logits(gm: fx.GraphModule, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
@@ -414,7 +430,7 @@ def generate(gm: fx.GraphModule, input_ids: torch.Tensor, max_new_tokens: int = 
     cache_len = prompt_len + max_new_tokens
     _check_prompt(spec, input_ids, attention_mask, cache_len)
     if attention_mask is not None:
-        padded_right = (attention_mask[:, 1:].long() - attention_mask[:, :-1].long() > 0).any()
+        padded_right = (attention_mask[:, 1:].long() - attention_mask[:, :-1].long() < 0).any()
         if padded_right:
             raise CaptureError("attention_mask has padding after real tokens: pad prompts on the left for generation")
     eos = spec.eos_token_ids if eos_token_id is None else (
