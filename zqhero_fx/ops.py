@@ -174,6 +174,48 @@ def _(indices, tables, scales, weight, bias, eps, emit_normed, dtype=torch.int8)
     return (weight.new_empty((*shape, dim), dtype=dtype), weight.new_empty((*shape, 1), dtype=torch.float32), normed)
 
 
+@torch.library.custom_op("zqhero::quantized_gated_linear", mutates_args=())
+def quantized_gated_linear(
+    x: torch.Tensor,
+    x_scale: torch.Tensor,
+    w_gate: torch.Tensor,
+    w_gate_scale: torch.Tensor,
+    w_up: torch.Tensor,
+    w_up_scale: torch.Tensor,
+    activation: str,
+    out_scale: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """The gated MLP front (SwiGLU with "silu", GeGLU with "gelu_tanh"): y = act(x·w_gateᵀ · x_scale · w_gate_scale)
+    * (x·w_upᵀ · x_scale · w_up_scale), cast to `out_dtype` or quantized with `out_scale`, as quantized_linear does.
+
+    x [..., K], w_gate and w_up [N, K] are quantized values; x_scale is per token [..., 1] or a scalar [1]; the weight
+    scales are per output channel [N]; out_scale is [N] (FWQ) or [1] (SQ)."""
+    return dispatch.run("quantized_gated_linear", x, x_scale, w_gate, w_gate_scale, w_up, w_up_scale, activation,
+                        out_scale, out_dtype)
+
+
+@quantized_gated_linear.register_fake
+def _(x, x_scale, w_gate, w_gate_scale, w_up, w_up_scale, activation, out_scale, out_dtype):
+    return x.new_empty((*x.shape[:-1], w_gate.shape[0]), dtype=out_dtype)
+
+
+@torch.library.custom_op("zqhero::rotary_quantize", mutates_args=())
+def rotary_quantize(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype
+) -> torch.Tensor:
+    """Rotary position embedding (Hugging Face's rotate_half form) on the first cos.shape[-1] features of x
+    [B, H, T, D] (the rest pass through), then static quantization with a per-tensor scale [1] into `out_dtype`
+    (int8, float8). cos and sin are [B, T, rotary_dim], [1, T, rotary_dim] or [T, rotary_dim], shared by the heads.
+    The output is contiguous [B, H, T, D]."""
+    return dispatch.run("rotary_quantize", x, cos, sin, scale, out_dtype)
+
+
+@rotary_quantize.register_fake
+def _(x, cos, sin, scale, out_dtype):
+    return x.new_empty(x.shape, dtype=out_dtype)
+
+
 OPS = {
     "quantize_per_token": quantize_per_token,
     "quantize": quantize,
@@ -183,6 +225,8 @@ OPS = {
     "quantized_attention": quantized_attention,
     "quantized_embedding": quantized_embedding,
     "embedding_norm_quant": embedding_norm_quant,
+    "quantized_gated_linear": quantized_gated_linear,
+    "rotary_quantize": rotary_quantize,
 }
 
 __all__ = ["OPS", "ACTIVATIONS", "NORM_KINDS", *OPS]

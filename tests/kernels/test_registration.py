@@ -24,6 +24,9 @@ def sample_calls():
     w = random_int8((12, 16), g)
     qa = random_int8((2, 2, 5, 32), g)
     table = random_int8((10, 16), g)
+    w_up = random_int8((12, 16), g)
+    x_heads = torch.randn(2, 5, 3, 16, generator=g).transpose(1, 2)  # [B, H, T, D] view of [B, T, H, D]
+    cos, sin = torch.randn(2, 2, 5, 16, generator=g)
     return [
         ("quantize_per_token", (x,)),
         ("quantize", (x, torch.rand(16, generator=g) + 0.1)),
@@ -44,6 +47,12 @@ def sample_calls():
             torch.ones(16), None, 1e-12, True,
         )),
         ("norm_quant", (x, None, torch.ones(16), None, 1e-6, True, False, "rms")),
+        ("quantized_gated_linear", (q8, torch.rand(2, 5, 1) * 1e-3, w, torch.rand(12), w_up, torch.rand(12), "silu",
+                                    None, torch.float16)),
+        ("quantized_gated_linear", (q8, torch.rand(1) * 0.01, w, torch.rand(12), w_up, torch.rand(12), "gelu_tanh",
+                                    torch.rand(12), torch.int8)),
+        ("rotary_quantize", (x_heads, cos, sin, torch.tensor([0.02]), torch.int8)),
+        ("rotary_quantize", (x_heads, cos[:1, :, :8], sin[:1, :, :8], torch.tensor([0.02]), torch.int8)),
     ]
 
 
@@ -55,6 +64,8 @@ def fp8_calls():
     w = torch.randn(12, 16, generator=g).to(FP8)
     qa = torch.randn(2, 2, 5, 32, generator=g).to(FP8)
     kv = torch.randn(2, 1, 5, 32, generator=g).to(FP8)  # one K/V head shared by two query heads (MQA)
+    w_up = torch.randn(12, 16, generator=g).to(FP8)
+    cos, sin = torch.randn(2, 5, 8, generator=g)
     return [
         ("quantize_per_token", (x, FP8)),
         ("quantize", (x, torch.rand(16, generator=g) + 0.1, FP8)),
@@ -64,6 +75,9 @@ def fp8_calls():
         ("quantized_attention", (qa, kv, kv, None, 0.01, 1 / 448, None, True, torch.float32)),
         ("quantized_embedding", (torch.randint(0, 10, (2, 3), generator=g), torch.randn(10, 16).to(FP8),
                                  torch.rand(10, 1), torch.float32)),
+        ("quantized_gated_linear", (q8, torch.rand(2, 5, 1), w, torch.rand(12), w_up, torch.rand(12), "silu",
+                                    torch.rand(12), FP8)),
+        ("rotary_quantize", (x.reshape(2, 5, 2, 8).transpose(1, 2), cos, sin, torch.tensor([0.01]), FP8)),
     ]
 
 
@@ -75,7 +89,7 @@ FP8_CALLS = fp8_calls()
 def test_every_op_has_a_reference_and_a_registration():
     assert set(OPS) == set(ops.OPS) == {
         "quantize_per_token", "quantize", "dequantize", "norm_quant", "quantized_linear", "quantized_attention",
-        "quantized_embedding", "embedding_norm_quant",
+        "quantized_embedding", "embedding_norm_quant", "quantized_gated_linear", "rotary_quantize",
     }
     for name in OPS:
         assert hasattr(torch.ops.zqhero, name)
@@ -172,7 +186,7 @@ def test_torch_compile_traces_the_ops_and_keeps_the_runtime_choice():
 
 
 LAUNCHED = ["quantize_per_token", "norm_quant", "quantized_linear", "quantized_attention", "quantized_embedding",
-            "embedding_norm_quant"]
+            "embedding_norm_quant", "quantized_gated_linear", "rotary_quantize"]
 
 
 @pytest.mark.parametrize("name", LAUNCHED)

@@ -10,7 +10,9 @@ from zqhero_fx.kernels import (  # noqa: F401  (imported to register the kernels
     quantize,
     quantized_attention,
     quantized_embedding,
+    quantized_gated_linear,
     quantized_linear,
+    rotary_quantize,
     vnni_cpu,
 )
 
