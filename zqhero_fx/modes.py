@@ -46,6 +46,9 @@ class QuantConfig:
     # Scale of the quantized softmax probabilities; None: 1 / the activation format's max (exp(s - rowmax) lies in
     # (0, 1], so that covers it exactly: 1/127 for INT8, 1/448 for FP8 E4M3).
     softmax_scale: float | None = None
+    # SmoothQuant-style migration of activation outliers from each norm's output into the GEMMs it feeds
+    # (passes/smooth.py): the strength alpha in (0, 1), 0.5 in the paper; None turns it off. Costs nothing at run time.
+    smoothing: float | None = None
     # Decoders: when attention is quantized, the KV cache stores K and V in the activation format with the
     # attention's static scales (passes/quantize_kv_cache.py); False keeps a float cache.
     quantize_kv_cache: bool = True
@@ -71,6 +74,8 @@ class QuantConfig:
             raise ConfigError(f"percentile={self.percentile}: must lie in (50, 100]")
         if self.embedding_granularity not in ("row", "tensor"):
             raise ConfigError(f"embedding_granularity={self.embedding_granularity!r}: use 'row' or 'tensor'")
+        if self.smoothing is not None and not (isinstance(self.smoothing, (int, float)) and 0.0 < self.smoothing < 1.0):
+            raise ConfigError(f"smoothing={self.smoothing!r}: the migration strength must lie in (0, 1), or None")
         if self.softmax_scale is not None and not 0.0 < self.softmax_scale <= 1.0:
             raise ConfigError(f"softmax_scale={self.softmax_scale}: must lie in (0, 1]")
 
@@ -88,8 +93,9 @@ class QuantConfig:
 
     @property
     def needs_calibration(self) -> bool:
-        """TWQ scales are dynamic; everything else needs static scales from calibration data."""
-        return self.fwq_gemms or self.attention
+        """TWQ scales are dynamic; everything else needs static scales from calibration data, and smoothing needs
+        the activation ranges."""
+        return self.fwq_gemms or self.attention or (self.smoothing is not None and self.norm_fed_gemms)
 
     @property
     def quantizes(self) -> bool:

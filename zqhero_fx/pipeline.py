@@ -16,20 +16,26 @@ import torch.fx as fx
 from zqhero_fx.errors import PassError, ZqheroError
 from zqhero_fx.modes import QuantConfig
 from zqhero_fx.passes import (calibrate, canonicalize, classify, clean_up, fold_scales, insert_qdq, lower,
-                              propagate_meta, quantize_kv_cache)
+                              propagate_meta, quantize_kv_cache, smooth)
 
 
 def build_pipeline(config: QuantConfig, calibration: list, overrides: dict[str, str]):
     """(name, pass) pairs in order. Settings are bound here, never read from globals."""
+    calibration_pass = functools.partial(calibrate, batches=calibration, method=config.calibration_method,
+                                         percentile=config.percentile)
+    smoothing = () if config.smoothing is None or not config.norm_fed_gemms else (
+        ("smooth", functools.partial(smooth, alpha=config.smoothing)),
+        ("calibrate_smoothed", calibration_pass),  # ranges and samples of the smoothed graph
+    )
     return (
         ("canonicalize", canonicalize),
         ("classify", functools.partial(classify, device=config.device)),
-        ("calibrate", functools.partial(calibrate, batches=calibration, method=config.calibration_method,
-                                        percentile=config.percentile)),
+        ("calibrate", calibration_pass),
+        *smoothing,
         ("insert_qdq", functools.partial(insert_qdq, config=config, overrides=overrides)),
         ("fold_scales", fold_scales),
-        ("lower", functools.partial(lower, config=config)),
         ("quantize_kv_cache", functools.partial(quantize_kv_cache, config=config)),
+        ("lower", functools.partial(lower, config=config)),
         ("classify_lowered", functools.partial(classify, device=config.device)),
         ("clean_up", clean_up),
     )

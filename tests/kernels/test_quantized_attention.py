@@ -34,9 +34,11 @@ P_SCALE = 1.0 / 127
 
 
 def make_inputs(b, h, sq, sk, d, seed, *, mask="none", causal=False, out_scale=None, out_dtype=torch.float32,
-                temperature=1.0):
+                temperature=1.0, kv_heads=None):
+    """q [B, H, Sq, D], k and v [B, kv_heads (default H), Sk, D] and the op's other arguments."""
     g = torch.Generator().manual_seed(seed)
-    q, k, v = random_int8((b, h, sq, d), g), random_int8((b, h, sk, d), g), random_int8((b, h, sk, d), g)
+    hkv = h if kv_heads is None else kv_heads
+    q, k, v = random_int8((b, h, sq, d), g), random_int8((b, hkv, sk, d), g), random_int8((b, hkv, sk, d), g)
     # s_q * s_k * 1/sqrt(d) for activations whose absmax maps to 127: logits of order +-10 at temperature 1.
     qk_scale = temperature * (4.0 / 127) ** 2 / math.sqrt(d)
     if mask == "float":  # BERT's additive padding mask [B, 1, 1, Sk]: the last keys of each sequence padded
@@ -49,6 +51,9 @@ def make_inputs(b, h, sq, sk, d, seed, *, mask="none", causal=False, out_scale=N
         m = torch.rand(1, h, 1, sk, generator=g) > 0.5
     elif mask == "float_2d":  # [Sq, Sk]: broadcasts over batch and heads
         m = torch.randn(sq, sk, generator=g)
+    elif mask == "cache":  # a decoder's key cache [B, 1, Sq, Sk]: sequence i fills its first Sk - 3i - 5 slots
+        filled = torch.tensor([max(1, sk - 3 * i - 5) for i in range(b)])
+        m = (torch.arange(sk) < filled[:, None]).view(b, 1, 1, sk).expand(b, 1, sq, sk).contiguous()
     else:
         m = None
     if out_scale == "feature":  # FWQ on the attention output: [H, 1, D]
@@ -163,6 +168,88 @@ def test_quantized_attention_hypothesis(device, b, h, sq, sk, d, mask, causal, o
     )
 
 
+# ---------------------------------------------------------------- GQA / MQA, decoder shapes
+# K/V with Hkv heads, each shared by H / Hkv query heads and read in place. (B, H, Hkv, Sq, Sk, D, mask, causal)
+GQA_CASES = [
+    (2, 4, 2, 17, 17, 32, "bool", True),  # prefill: causal, plus a [B, 1, Sq, Sk] keep-mask broadcast over heads
+    (2, 4, 1, 17, 17, 32, "bool", True),  # MQA prefill
+    (2, 4, 2, 1, 40, 64, "cache", False),  # decode: one query row, the cache's trailing slots masked out
+    (2, 4, 1, 1, 40, 64, "cache", False),  # MQA decode
+    (1, 6, 2, 5, 40, 32, "float", True),  # a few new tokens against a longer cache, causal
+]
+
+
+def case_id(case):
+    b, h, hkv, sq, sk, d, mask, causal = case
+    return f"{b}x{h}/{hkv}x{sq}x{sk}x{d}-{mask}" + ("-causal" if causal else "")
+
+
+def gqa_inputs(case, seed, out_scale=None):
+    b, h, hkv, sq, sk, d, mask, causal = case
+    return make_inputs(b, h, sq, sk, d, seed, mask=mask, causal=causal, out_scale=out_scale, kv_heads=hkv)
+
+
+def with_repeated_kv(args):
+    """The same operands with K and V repeated to q's heads (the reference's spelling of GQA)."""
+    q, k, v, *rest = args
+    return (q, A.repeat_kv_heads(q, k), A.repeat_kv_heads(q, v), *rest)
+
+
+def with_empty_cache_slots_scrambled(args):
+    """K and V changed in the cache slots the "cache" mask hides: a decoder's output must not move."""
+    q, k, v, mask, *rest = args
+    hidden = ~mask[:, :, :1, :].transpose(-1, -2)  # [B, 1, Sk, 1]: the slots no query of the sequence sees
+    return (q, torch.where(hidden, -k, k), torch.where(hidden, 127 - v.abs(), v), mask, *rest)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("out_scale", [None, "feature"])
+@pytest.mark.parametrize("case", GQA_CASES, ids=case_id)
+def test_quantized_attention_gqa(device, case, out_scale):
+    args = gqa_inputs(case, seed=11, out_scale=out_scale)
+    assert A._triton_takes(*args)
+    out, _ = check(args, device)
+    # Query head h reads K/V head h // (H / Hkv): bit for bit what the kernel computes on K/V repeated to H heads.
+    assert torch.equal(out, run_triton("quantized_attention", device, *with_repeated_kv(args)))
+    if case[6] == "cache":
+        assert torch.equal(out, run_triton("quantized_attention", device, *with_empty_cache_slots_scrambled(args)))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_quantized_attention_gqa_fully_masked_rows_and_strided_layouts(device):
+    # Causal with Sq > Sk: the first queries see no key at all and give 0, as in the reference.
+    out, _ = check(gqa_inputs((1, 4, 2, 9, 5, 32, "none", True), seed=13), device)
+    assert torch.all(out[:, :, :4] == 0) and not torch.isnan(out).any()
+    args = list(gqa_inputs((2, 4, 1, 1, 40, 64, "cache", False), seed=13))
+    args[3][1] = False  # sequence 1's cache is empty
+    out, _ = check(tuple(args), device)
+    assert torch.all(out[1] == 0)
+    # q, k, v as the projections produce them ([B, S, heads * D] viewed and transposed), K also D-major.
+    g = torch.Generator().manual_seed(14)
+    b, s, h, hkv, d = 2, 11, 6, 2, 32
+    q = random_int8((b, s, h * d), g).view(b, s, h, d).transpose(1, 2)
+    k = random_int8((b, hkv, d, s), g).transpose(-1, -2)
+    v = random_int8((b, s, hkv * d), g).view(b, s, hkv, d).transpose(1, 2)
+    check((q, k, v, None, 0.001, P_SCALE, None, True, torch.float32), device)
+
+
+def test_kernels_take_kv_heads_that_divide_the_query_heads():
+    from zqhero_fx import dispatch
+
+    spec = dispatch.KERNELS["quantized_attention"]
+    q, k, v, *rest = make_inputs(2, 6, 3, 5, 32, seed=0, kv_heads=6)
+    for kv_heads in (6, 3, 2, 1):  # MHA, GQA, MQA
+        assert spec.triton_applies(q, k[:, :kv_heads], v[:, :kv_heads], *rest)
+    assert not spec.triton_applies(q, k[:, :4], v[:, :4], *rest)  # 4 K/V heads cannot serve 6 query heads
+    assert not spec.triton_applies(q, k[:, :2], v[:, :1], *rest)  # K and V with different heads
+    assert not spec.triton_applies(q, k[:1, :2], v[:1, :2], *rest)  # broadcast K/V batch: the reference
+    with pytest.raises(ValueError, match="do not pair"):
+        A.quantized_attention_triton(q, k[:, :4], v[:, :4], *rest)
+    if vnni_cpu.extension() is not None:
+        assert A.cpu_kernel_applies(q, k[:, :2], v[:, :2], None, None)
+        assert not A.cpu_kernel_applies(q, k[:, :4], v[:, :4], None, None)
+
+
 # ---------------------------------------------------------------- reference semantics
 def test_reference_uniform_attention_averages_v():
     # Equal logits: every p is exp(0) = 1 -> p_q = 127, so the output is exactly the mean of V.
@@ -239,6 +326,74 @@ def test_cpu_kernel_edge_cases():
     check_cpu_kernel((q, k, v, None, 0.001, P_SCALE, torch.tensor([0.3]), True, torch.int8))
 
 
+# Decoder shapes beyond the Triton ones: a 9-head / 3-KV-head decode against 37 cache slots (the last ones empty), a
+# causal prefill Sq == Sk, and caches of 512 and 2048 keys.
+CPU_DECODER_CASES = [
+    (2, 9, 3, 1, 37, 64, "cache", False),
+    (2, 4, 2, 24, 24, 64, "none", True),
+    (2, 4, 1, 24, 24, 64, "cache", True),
+    (1, 4, 1, 1, 512, 64, "cache", False),
+    (2, 8, 2, 1, 2048, 128, "cache", False),
+]
+
+
+@needs_vnni
+@pytest.mark.parametrize("out_scale", [None, "feature"])
+@pytest.mark.parametrize("case", GQA_CASES + CPU_DECODER_CASES, ids=case_id)
+def test_cpu_kernel_gqa(case, out_scale):
+    from zqhero_fx import dispatch, use_kernels
+
+    args = gqa_inputs(case, seed=11, out_scale=out_scale)
+    out, _ = check_cpu_kernel(args)
+    assert torch.equal(out, A.quantized_attention_cpu(*with_repeated_kv(args)))
+    if case[6] == "cache":
+        assert torch.equal(out, A.quantized_attention_cpu(*with_empty_cache_slots_scrambled(args)))
+    with use_kernels("auto"):
+        assert dispatch.select("quantized_attention", *args)[0] == "cpu"
+
+
+@needs_vnni
+def test_cpu_kernel_gqa_fully_masked_rows_and_strided_layouts():
+    out, _ = check_cpu_kernel(gqa_inputs((1, 4, 2, 9, 5, 32, "none", True), seed=13))
+    assert torch.all(out[:, :, :4] == 0) and not torch.isnan(out).any()
+    args = list(gqa_inputs((2, 9, 3, 1, 37, 64, "cache", False), seed=13))
+    args[3][1] = False  # sequence 1's cache is empty
+    args[3][0, ..., 5] = False  # and a hole in sequence 0's
+    out, _ = check_cpu_kernel(tuple(args))
+    assert torch.all(out[1] == 0)
+    # q with a non-unit stride along D (rows gathered), K D-major (the generic packer), V from a [B, S, Hkv * D] view.
+    g = torch.Generator().manual_seed(14)
+    b, s, h, hkv, d = 2, 11, 6, 2, 30
+    q = random_int8((b, h, d, s), g).transpose(-1, -2)
+    k = random_int8((b, hkv, d, s), g).transpose(-1, -2)
+    v = random_int8((b, s, hkv * d), g).view(b, s, hkv, d).transpose(1, 2)
+    check_cpu_kernel((q, k, v, None, 0.001, P_SCALE, torch.tensor([0.3]), True, torch.int8))
+
+
+@needs_vnni
+def test_cpu_kernel_takes_caches_up_to_max_terms():
+    # P.V sums Sk products in int32 (vnni_cpu.MAX_TERMS); a longer cache is the reference's.
+    q = torch.zeros(1, 4, 1, 64, dtype=torch.int8)
+    for keys, takes in ((vnni_cpu.MAX_TERMS, True), (vnni_cpu.MAX_TERMS + 1, False)):
+        kv = torch.zeros(1, 1, keys, 64, dtype=torch.int8)
+        assert A.cpu_kernel_applies(q, kv, kv, None, None) == takes
+
+
+@needs_vnni
+@settings(deadline=None, max_examples=20)
+@given(
+    b=st.integers(1, 2), kv_heads=st.integers(1, 3), group=st.integers(1, 3), sq=st.integers(1, 40),
+    sk=st.integers(1, 90), d=st.sampled_from([8, 20, 64, 80, 132]),
+    mask=st.sampled_from(["none", "float", "bool", "bool_heads", "cache"]), causal=st.booleans(),
+    out_scale=st.sampled_from([None, "feature", "scalar"]), seed=st.integers(0, 2**31 - 1),
+)
+def test_cpu_kernel_gqa_hypothesis(b, kv_heads, group, sq, sk, d, mask, causal, out_scale, seed):
+    args = make_inputs(b, kv_heads * group, sq, sk, d, seed, mask=mask, causal=causal, out_scale=out_scale,
+                       kv_heads=kv_heads)
+    out, _ = check_cpu_kernel(args)
+    assert torch.equal(out, A.quantized_attention_cpu(*with_repeated_kv(args)))
+
+
 @needs_vnni
 @settings(deadline=None, max_examples=25)
 @given(
@@ -274,17 +429,20 @@ FP8_P_SCALE = {torch.float8_e4m3fn: 1.0 / 448, torch.float8_e5m2: 1.0 / 57344}
 
 
 def make_fp8_inputs(b, h, sq, sk, d, seed, fp8, *, mask="none", causal=False, out_scale=None, out_q=None,
-                    out_dtype=torch.float32, temperature=1.0, exact=False):
-    """q, k, v in one FP8 format. `exact`: small integers (Q.K^T exact in fp32 in any order); otherwise activations of
-    absmax ~ 4 sigma cast to FP8. The mask, causal and out_scale forms are the INT8 tests'."""
+                    out_dtype=torch.float32, temperature=1.0, exact=False, kv_heads=None):
+    """q, k, v in one FP8 format (k and v with kv_heads heads, default H). `exact`: small integers (Q.K^T exact in fp32
+    in any order); otherwise activations of absmax ~ 4 sigma cast to FP8. The mask, causal and out_scale forms are the
+    INT8 tests'."""
     int8_args = make_inputs(b, h, sq, sk, d, seed, mask=mask, causal=causal, out_scale=out_scale, out_dtype=out_dtype)
     g = torch.Generator().manual_seed(seed + 1000)
+    hkv = h if kv_heads is None else kv_heads
+    shapes = ((b, h, sq, d), (b, hkv, sk, d), (b, hkv, sk, d))
     if exact:
-        q, k, v = (small_int_fp8(s, fp8, g) for s in ((b, h, sq, d), (b, h, sk, d), (b, h, sk, d)))
+        q, k, v = (small_int_fp8(s, fp8, g) for s in shapes)
         spread = 4.6  # std of an integer uniform on [-8, 8]
     else:
         spread = 64.0
-        q, k, v = (random_fp8(s, fp8, g, spread) for s in ((b, h, sq, d), (b, h, sk, d), (b, h, sk, d)))
+        q, k, v = (random_fp8(s, fp8, g, spread) for s in shapes)
     # Logits of order +-3 at temperature 1.
     qk_scale = temperature * 3.0 / (spread * spread * math.sqrt(d))
     os_ = int8_args[6]
@@ -375,6 +533,15 @@ def test_quantized_attention_fp8_hypothesis(device, b, h, sq, sk, d, mask, causa
                               temperature=temperature, exact=exact), device)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", [GQA_CASES[0], GQA_CASES[3], GQA_CASES[4]], ids=case_id)
+def test_quantized_attention_fp8_gqa(device, case):
+    b, h, hkv, sq, sk, d, mask, causal = case
+    args = make_fp8_inputs(b, h, sq, sk, d, seed=12, fp8=torch.float8_e4m3fn, mask=mask, causal=causal, kv_heads=hkv)
+    out, _ = check_fp8(args, device)
+    assert torch.equal(out, run_triton("quantized_attention", device, *with_repeated_kv(args)))
+
+
 def test_triton_takes_fp8_in_one_format_only():
     from zqhero_fx import dispatch
 
@@ -383,6 +550,6 @@ def test_triton_takes_fp8_in_one_format_only():
     assert takes(*args)
     q, k, v, *rest = args
     assert not takes(q, k, v.to(torch.float8_e5m2), *rest)  # mixed formats: the reference
-    assert not takes(q, k[:, :1], v[:, :1], *rest)  # GQA / MQA: the reference repeats the heads
+    assert takes(q, k[:, :1], v[:, :1], *rest)  # MQA: the shared K/V head is read in place
     # FP8 never reaches the INT8 VNNI CPU kernel.
     assert not dispatch.KERNELS["quantized_attention"].cpu_applies(*args)

@@ -142,6 +142,59 @@ def test_attention_reference_runs_its_matmuls_on_the_kernel():
         assert torch.equal(A.quantized_attention_ref(*args), with_kernel)
 
 
+# ---------------------------------------------------------------- the fused attention kernel (zqhero::int8_attention)
+def attention_operands(b, h, hkv, sq, sk, d, seed):
+    g = torch.Generator().manual_seed(seed)
+    return int8((b, h, sq, d), g, -127), int8((b, hkv, sk, d), g, -127), int8((b, hkv, sk, d), g, -127)
+
+
+@needs_kernel
+def test_attention_kernel_bool_mask_equals_its_additive_form():
+    """A boolean keep-mask goes to the kernel as it is; it must give what the reference's 0 / -inf float mask gives,
+    read with unit or non-unit stride along the keys."""
+    ext = B.extension()
+    q, k, v = attention_operands(2, 6, 2, 3, 45, 64, seed=3)
+    keep = torch.rand(2, 1, 3, 45, generator=torch.Generator().manual_seed(4)) > 0.4
+    additive = torch.where(keep, 0.0, float("-inf"))
+    keep_strided = keep.transpose(-1, -2).contiguous().transpose(-1, -2)  # stride 3 along the keys
+    expected = ext.int8_attention(q, k, v, additive.expand(2, 6, 3, 45), 0.01, 1 / 127, None, False)
+    for mask in (keep, keep_strided):
+        assert torch.equal(ext.int8_attention(q, k, v, mask.expand(2, 6, 3, 45), 0.01, 1 / 127, None, False), expected)
+
+
+@needs_kernel
+def test_attention_kernel_same_numbers_for_any_thread_count_and_after_other_shapes():
+    """Rows are cut into work items by thread count (one decode row per item when threads outnumber rows), and every
+    thread keeps its buffers between calls; neither may change a single bit."""
+    ext = B.extension()
+    decode = attention_operands(2, 9, 3, 1, 300, 64, seed=5)
+    prefill = attention_operands(1, 4, 1, 20, 20, 48, seed=6)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        expected = ext.int8_attention(*decode, None, 0.01, 1 / 127, None, False)
+        for count in (2, 7, 32):
+            torch.set_num_threads(count)
+            assert torch.equal(ext.int8_attention(*decode, None, 0.01, 1 / 127, None, False), expected)
+    finally:
+        torch.set_num_threads(threads)
+    # A longer cache, then a shorter one with another head dim and causal rows, then the first again.
+    first = ext.int8_attention(*prefill, None, 0.01, 1 / 127, None, True)
+    ext.int8_attention(*attention_operands(1, 2, 2, 3, 700, 128, seed=7), None, 0.01, 1 / 127, None, False)
+    assert torch.equal(ext.int8_attention(*prefill, None, 0.01, 1 / 127, None, True), first)
+    assert torch.equal(ext.int8_attention(*decode, None, 0.01, 1 / 127, None, False), expected)
+
+
+@needs_kernel
+def test_attention_kernel_refuses_heads_that_do_not_pair():
+    ext = B.extension()
+    q, k, v = attention_operands(1, 6, 4, 2, 8, 32, seed=8)
+    with pytest.raises(RuntimeError, match="6 query heads cannot share 4"):
+        ext.int8_attention(q, k, v, None, 0.01, 1 / 127, None, False)
+    with pytest.raises(RuntimeError, match="do not pair"):
+        ext.int8_attention(q, k[:, :2], v[:, :3], None, 0.01, 1 / 127, None, False)
+
+
 # ---------------------------------------------------------------- the build itself, CPU features
 def test_cpu_features():
     features = B.cpu_features()

@@ -62,6 +62,16 @@ EXAMPLES = {
          "out_scale": torch.ones(1) * 0.5},
         {"q_dtype": torch.float32, "k_dtype": torch.float32, "v_dtype": torch.float32, "dropout": 0.0,
          "causal": False, "scale": 1e-3, "gqa": False, "out_dtype": torch.int8}),
+    "_pattern_quantized_gated_linear": lambda v: (
+        {"x": _int8(2, 3, D), "x_scale": torch.rand(2, 3, 1) * 0.01},
+        {"w_gate": _int8(N, D), "s_gate": torch.rand(N) * 0.01, "w_up": _int8(N, D), "s_up": torch.rand(N) * 0.01,
+         "out_scale": torch.rand(N) * 0.05 + 0.01},
+        {"activation": "silu", "dtype": torch.float32, "out_dtype": torch.int8}),
+    "_pattern_rotary_quantize": lambda v: (
+        {"x": torch.randn(2, 4, 5, 16), "cos_h": torch.randn(2, 1, 5, 16), "sin_h": torch.randn(2, 1, 5, 16)},
+        {"scale": torch.ones(1) * 0.03},
+        {"dim_a": 3, "start_a": 0, "end_a": 8, "dim_b": 3, "start_b": 8, "end_b": 2**63 - 1, "cat_dim": -1,
+         "dtype": torch.int8}),
     "_pattern_quantized_embedding": lambda v: (
         {"indices": torch.randint(0, 10, (2, 3))},
         {"table_q": _int8(10, 8), "scale": torch.rand(10, 1)},

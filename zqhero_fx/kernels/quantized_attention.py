@@ -1,7 +1,8 @@
 """Quantized attention core, flash-attention style: quantized Q.K^T, softmax with quantized probabilities, quantized P.V.
 
-q [B, H, Sq, D], k and v [B, Hkv, Sk, D] are int8 or float8 (any strides; Hkv divides H for GQA/MQA; the reference
-repeats K/V heads, the kernels take Hkv == H). For INT8 the matmuls are exact INT32; for FP8 they accumulate exact
+q [B, H, Sq, D], k and v [B, Hkv, Sk, D] are int8 or float8 (any strides). Hkv divides H (GQA; MQA at Hkv = 1): query
+head h attends with K/V head h // (H / Hkv). The reference repeats the K/V heads; both kernels read the shared head in
+place (no repeated K/V is ever stored). For INT8 the matmuls are exact INT32; for FP8 they accumulate exact
 products in fp32, and the probabilities are FP8 in q's format (p_scale 1/448 for E4M3 covers (0, 1]). The Triton kernel
 takes INT8 and FP8 (E4M3 or E5M2; q, k and v in one format; sm_89+ on a GPU), the CPU kernel INT8.
 Logits are acc * qk_scale, where qk_scale already holds s_q * s_k * softmax_scale. The mask is additive (float) or
@@ -16,6 +17,9 @@ The Triton kernel tiles like flash attention (nothing of size Sq x Sk is ever st
 for the exact row max, once for exp, the row sum and quantized P.V against that max. Quantizing p against a running max
 instead would change which grid step each probability lands on; with the final max it lands where the reference puts
 it, and P.V stays one sum over all key blocks (an exact INT32 one for INT8).
+
+Decoder shapes take the same path: decode is Sq = 1 query row against a key cache of any length (trailing cache slots
+masked out by a boolean [B, 1, Sq, Sk] mask, broadcast over heads); prefill is Sq = Sk with `is_causal`.
 """
 
 from __future__ import annotations
@@ -82,6 +86,18 @@ def repeat_kv_heads(q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
     if kv_heads == 0 or heads % kv_heads:
         raise ValueError(f"quantized_attention: {heads} query heads cannot share {kv_heads} key/value heads")
     return kv.repeat_interleave(heads // kv_heads, dim=-3)
+
+
+def shares_kv_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether k and v pair with q the way the kernels read them: 3-D or 4-D, one batch size, and for 4-D operands
+    K/V heads that divide q's heads (Hkv == H; GQA; MQA at Hkv = 1). The kernels index the shared head, no repeat."""
+    if not (q.dim() == k.dim() == v.dim() and q.dim() in (3, 4) and k.shape[:-2] == v.shape[:-2]
+            and q.shape[0] == k.shape[0]):
+        return False
+    if q.dim() == 3:  # [B * H, S, D]: no head dim to share (the reference does not repeat here either)
+        return True
+    heads, kv_heads = q.shape[1], k.shape[1]
+    return kv_heads == heads or (kv_heads > 0 and heads % kv_heads == 0)
 
 
 def _matmul(a: torch.Tensor, b: torch.Tensor, terms: int, integer: bool) -> torch.Tensor:
@@ -152,7 +168,7 @@ def _attention_scores(
 def _quantized_attention_kernel(
     q_ptr, k_ptr, v_ptr, mask_ptr, os_ptr, out_ptr,
     qk_scale, inv_p_scale, p_scale,
-    H, seqlen_q, seqlen_k, head_dim_qk, head_dim_v,
+    H, kv_group, seqlen_q, seqlen_k, head_dim_qk, head_dim_v,
     sq_bucket, sk_bucket,  # autotune keys only: next powers of two of the sequence lengths
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
@@ -162,18 +178,21 @@ def _quantized_attention_kernel(
     MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, QUANT_OUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    # One program per (BLOCK_M queries, batch * head).
+    # One program per (BLOCK_M queries, batch * query head). GQA / MQA: `kv_group` consecutive query heads share one
+    # K/V head, read in place through K's and V's head stride. Their programs are adjacent in the grid, so on a GPU the
+    # group's K/V tiles come from L2 after the first.
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
+    kv_h = h // kv_group
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_dqk = tl.arange(0, BLOCK_DQK)
     offs_dv = tl.arange(0, BLOCK_DV)
     row_valid = offs_m < seqlen_q
-    k_base = k_ptr + b * stride_kb + h * stride_kh
-    v_base = v_ptr + b * stride_vb + h * stride_vh
+    k_base = k_ptr + b * stride_kb + kv_h * stride_kh
+    v_base = v_ptr + b * stride_vb + kv_h * stride_vh
     mask_base = mask_ptr + b * stride_mb + h * stride_mh
 
     # The Q tile stays in registers for both passes.
@@ -282,6 +301,9 @@ def quantized_attention_triton(q, k, v, attn_mask, qk_scale, p_scale, out_scale,
         return out.squeeze(0)
     if q.dim() != 4:
         raise ValueError(f"quantized_attention: q must be [B, H, S, D] (or [B*H, S, D]); got {tuple(q.shape)}")
+    if not shares_kv_heads(q, k, v):
+        raise ValueError(f"quantized_attention: k {tuple(k.shape)} and v {tuple(v.shape)} do not pair with q "
+                         f"{tuple(q.shape)} (same batch, K/V heads dividing q's heads)")
     batch, heads, seqlen_q, head_dim_qk = q.shape
     seqlen_k, head_dim_v = k.shape[-2], v.shape[-1]
     if max(head_dim_qk, head_dim_v) > MAX_HEAD_DIM:
@@ -314,7 +336,7 @@ def quantized_attention_triton(q, k, v, attn_mask, qk_scale, p_scale, out_scale,
     args = (
         q, k, v, mask, os_, out,
         float(qk_scale), 1.0 / float(p_scale), float(p_scale),
-        heads, seqlen_q, seqlen_k, head_dim_qk, head_dim_v,
+        heads, heads // k.shape[1], seqlen_q, seqlen_k, head_dim_qk, head_dim_v,
         triton.next_power_of_2(seqlen_q), triton.next_power_of_2(seqlen_k),
         *q.stride(), *k.stride(), *v.stride(), *mask_strides, *os_strides,
     )
@@ -337,12 +359,13 @@ def quantized_attention_triton(q, k, v, attn_mask, qk_scale, p_scale, out_scale,
 
 # ---------------------------------------------------------------- CPU kernel (AVX-512 VNNI, vnni_cpu.py)
 def cpu_kernel_applies(q, k, v, attn_mask, out_scale) -> bool:
-    """Whether the fused VNNI kernel takes these operands: int8 q, k, v on the CPU with one set of 1 or 2 batch dims,
-    a mask and an output scale that broadcast to the logits and the output, and the extension available."""
+    """Whether the fused VNNI kernel takes these operands: int8 q, k, v on the CPU, 3-D or 4-D with one batch size and
+    K/V heads that divide q's heads (shares_kv_heads), head dim and key count within int32's exact range
+    (vnni_cpu.MAX_TERMS: caches up to 65792 keys), a mask and an output scale that broadcast to the logits and the
+    output, and the extension available."""
     if not all(t.device.type == "cpu" and t.dtype == torch.int8 for t in (q, k, v)):
         return False
-    if not (q.dim() == k.dim() == v.dim() and q.dim() in (3, 4) and q.shape[:-2] == k.shape[:-2] == v.shape[:-2]
-            and q.shape[-1] == k.shape[-1] and k.shape[-2] == v.shape[-2]):
+    if not (shares_kv_heads(q, k, v) and q.shape[-1] == k.shape[-1] and k.shape[-2] == v.shape[-2]):
         return False
     if max(q.shape[-1], k.shape[-2]) > vnni_cpu.MAX_TERMS or vnni_cpu.extension() is None:
         return False
@@ -350,18 +373,27 @@ def cpu_kernel_applies(q, k, v, attn_mask, out_scale) -> bool:
     out_shape = (*q.shape[:-1], v.shape[-1])
     for operand, shape in ((attn_mask, logits_shape), (out_scale, out_shape)):
         if operand is not None and (operand.device.type != "cpu" or operand.dim() > 4
-                                    or torch.broadcast_shapes(operand.shape, shape) != shape):
+                                    or not _expands_to(operand.shape, shape)):
             return False
     return True
 
 
+def _expands_to(shape, target) -> bool:
+    """Whether a tensor of `shape` expands to `target` (what torch.broadcast_shapes(shape, target) == target says,
+    at a fraction of its ~15 us, which a decode step's dispatch would pay per layer)."""
+    return len(shape) <= len(target) and all(size in (1, full) for size, full in zip(reversed(shape), reversed(target)))
+
+
 def quantized_attention_cpu(q, k, v, attn_mask, qk_scale, p_scale, out_scale, is_causal, out_dtype):
-    """Launcher for the fused CPU kernel: operands as 4-D strided views (broadcasts as stride 0), one call."""
+    """Launcher for the fused CPU kernel: operands as 4-D strided views (broadcasts as stride 0), one call. K/V keep
+    their own head count (GQA / MQA are indexed in the kernel); a boolean mask goes in as it is (no float copy of
+    it), and causal masking happens inside the kernel."""
     four_d = [vnni_cpu.as_4d(t) for t in (q, k, v)]
     b, h, sq, _ = four_d[0].shape
     sk, dv = four_d[1].shape[-2], four_d[2].shape[-1]
-    mask = attention_logits_mask(attn_mask, False, sq, sk, q.device)  # causal is applied inside the kernel
-    if mask is not None:
+    mask = None
+    if attn_mask is not None:
+        mask = attn_mask if attn_mask.dtype in (torch.bool, torch.float32) else attn_mask.float()
         mask = mask.expand(b, h, sq, sk)
     scale = out_scale.float().expand(b, h, sq, dv) if out_scale is not None else None
     out = vnni_cpu.extension().int8_attention(*four_d, mask, float(qk_scale), float(p_scale), scale, bool(is_causal))
@@ -371,10 +403,10 @@ def quantized_attention_cpu(q, k, v, attn_mask, qk_scale, p_scale, out_scale, is
 
 # ---------------------------------------------------------------- registration
 def _triton_takes(q, k, v, attn_mask, qk_scale, p_scale, out_scale, is_causal, out_dtype) -> bool:
-    """q, k, v in one format (INT8, FP8 E4M3 or FP8 E5M2; FP8 on sm_89+) with the same heads (no GQA repeat in the
-    kernel), and a float or INT8 / FP8 output."""
+    """q, k, v in one format (INT8, FP8 E4M3 or FP8 E5M2; FP8 on sm_89+), one batch size and K/V heads that divide
+    q's heads (shares_kv_heads: GQA / MQA read in place), and a float or INT8 / FP8 output."""
     return (q.dtype == k.dtype == v.dtype and triton_takes_format(q.dtype, q.device)
-            and q.shape[:-2] == k.shape[:-2] == v.shape[:-2]
+            and shares_kv_heads(q, k, v)
             and (out_scale is None or triton_takes_format(out_dtype, q.device)))
 
 

@@ -10,12 +10,14 @@ from zqhero_fx.passes.insert_qdq import insert_qdq
 from zqhero_fx.passes.lower import lower
 from zqhero_fx.passes.propagate_meta import propagate_meta
 from zqhero_fx.passes.quantize_kv_cache import quantize_kv_cache
+from zqhero_fx.passes.smooth import smooth
 
 PASSES = {
     "canonicalize": canonicalize,
     "propagate_meta": propagate_meta,
     "classify": classify,
     "calibrate": calibrate,
+    "smooth": smooth,
     "insert_qdq": insert_qdq,
     "fold_scales": fold_scales,
     "lower": lower,

@@ -19,6 +19,7 @@ from zqhero_fx.passes._graph import (
     attention_scale,
     aten,
     eliminate_dead_code,
+    is_op,
     param_of,
     val,
     zq,
@@ -62,6 +63,25 @@ def _pattern_quantized_attention(q, k, v, q_scale, k_scale, v_scale, q_dtype, k_
         deq(q, q_scale, q_dtype), deq(k, k_scale, k_dtype), deq(v, v_scale, v_dtype), attn_mask=mask,
         dropout_p=dropout, is_causal=causal, scale=scale, enable_gqa=gqa)
     return zq.quantize.default(out, out_scale, out_dtype) if quant else out
+
+
+def _pattern_quantized_gated_linear(x, x_scale, w_gate, s_gate, w_up, s_up, activation, dtype, out_scale, out_dtype,
+                                    gate_first, quant):
+    linear = zq.quantized_linear.default
+    gate = linear(x, x_scale, w_gate, s_gate, None, None, None, activation, dtype)
+    up = linear(x, x_scale, w_up, s_up, None, None, None, "none", dtype)
+    product = aten.mul.Tensor(gate, up) if gate_first else aten.mul.Tensor(up, gate)
+    return zq.quantize.default(product, out_scale, out_dtype) if quant else product
+
+
+def _pattern_rotary_quantize(x, cos_h, sin_h, dim_a, start_a, end_a, dim_b, start_b, end_b, cat_dim, scale, dtype):
+    """Hugging Face's apply_rotary_pos_emb: x * cos + rotate_half(x) * sin (cos/sin unsqueezed over the heads, and
+    shared by q and k, so they are captures)."""
+    first = aten.slice.Tensor(x, dim_a, start_a, end_a)
+    second = aten.slice.Tensor(x, dim_b, start_b, end_b)
+    rotated = aten.cat.default([aten.neg.default(second), first], cat_dim)
+    y = aten.add.Tensor(aten.mul.Tensor(x, cos_h), aten.mul.Tensor(rotated, sin_h))
+    return zq.quantize.default(y, scale, dtype)
 
 
 def _pattern_quantized_embedding(table_q, scale, out_dtype, indices, padding_idx, scale_grad, sparse):
@@ -181,6 +201,63 @@ def build_quantized_linear(gm: fx.GraphModule, m: Match, config: QuantConfig) ->
     return True
 
 
+def build_quantized_gated_linear(gm: fx.GraphModule, m: Match) -> bool:
+    """[quant](act(gate(x)) * up(x)), both quantized_linear on one input => zqhero.quantized_gated_linear: one
+    kernel reads x once and writes the product (in the format, for an FWQ down_proj) instead of two float outputs."""
+    gate_node = m.nodes[zq.quantized_linear.default]
+    if not (isinstance(m["activation"], str) and val(m["w_gate"]) is not None and val(m["w_up"]) is not None
+            and val(m["w_gate"]).shape == val(m["w_up"]).shape):
+        return False
+    last = m.output
+    out_scale = m.get("out_scale") if m.variant["quant"] else None
+    if out_scale is not None and param_of(gm, out_scale) is None:
+        return False
+    out_dtype = m["out_dtype"] if out_scale is not None else val(last).dtype
+    with gm.graph.inserting_before(last):
+        fused = gm.graph.call_function(zq.quantized_gated_linear.default, (
+            m["x"], m["x_scale"], m["w_gate"], m["s_gate"], m["w_up"], m["s_up"], m["activation"], out_scale,
+            out_dtype))
+    _adopt(last, fused, gate_node)
+    return True
+
+
+def build_rotary_quantize(gm: fx.GraphModule, m: Match) -> bool:
+    """quantize(x * cos + rotate_half(x) * sin) => zqhero.rotary_quantize(x, cos, sin): one pass over q or k, and
+    the attention (and a KV cache) read the format. Only the full-width rotation of [B, H, T, D] x: the slices must
+    be its two halves along the last dim, cos/sin broadcast over the heads."""
+    x, cos_h, sin_h = m["x"], m["cos_h"], m["sin_h"]
+    if not all(isinstance(t, fx.Node) and val(t) is not None and val(t).dim() == 4 and val(t).shape[1] == 1
+               for t in (cos_h, sin_h)):
+        return False
+    last = m.output
+
+    def per_token(t):  # [B, 1, T, D] -> [B, T, D]: the unsqueeze's input when there is one
+        if is_op(t, aten.unsqueeze.default) and t.args[1] == 1:
+            return t.args[0]
+        with gm.graph.inserting_before(last):
+            squeezed = gm.graph.call_function(aten.squeeze.dim, (t, 1))
+        squeezed.meta["val"] = val(t).squeeze(1)
+        return squeezed
+
+    xv, cv, sv = val(x), val(cos_h)[:, 0], val(sin_h)[:, 0]
+    if xv is None or cv is None or sv is None or xv.dim() != 4 or cv.dim() != 3 or sv.shape != cv.shape:
+        return False
+    last_dim = {3, -1}
+    half = xv.shape[-1] // 2
+    halves = (m["dim_a"] in last_dim and m["dim_b"] in last_dim and m["cat_dim"] in last_dim
+              and m["start_a"] == 0 and m["end_a"] == half and m["start_b"] == half and m["end_b"] >= xv.shape[-1])
+    if not halves or cv.shape[-1] != xv.shape[-1]:
+        return False
+    scale = m["scale"]
+    if param_of(gm, scale) is None or param_of(gm, scale).numel() != 1:
+        return False
+    cos, sin = per_token(cos_h), per_token(sin_h)
+    with gm.graph.inserting_before(last):
+        fused = gm.graph.call_function(zq.rotary_quantize.default, (x, cos, sin, scale, m["dtype"]))
+    _adopt(last, fused, last)
+    return True
+
+
 def build_quantized_attention(gm: fx.GraphModule, m: Match, config: QuantConfig) -> bool:
     """[quant](attention(dequant(q, 1), dequant(k, 1), dequant(v, 1))) => zqhero.quantized_attention(q, k, v, ...)."""
     attn = m.nodes[aten.scaled_dot_product_attention.default]
@@ -242,6 +319,11 @@ def rules(config: QuantConfig) -> tuple[Rule, ...]:
              tuple({"kind": kind, "residual_add": add} for add in (True, False) for kind in ("layer", "rms"))),
         Rule("[quant](act(linear(dequant(x_q, s_x), W))) => zqhero.quantized_linear(x_q, s_x, W_q, s_w, act, s_out)",
              _pattern_quantized_linear, lambda gm, m: build_quantized_linear(gm, m, config), linear_variants),
+        Rule("[quant](act(gate(x)) * up(x)) => zqhero.quantized_gated_linear(x, W_gate, W_up, act, s_out)",
+             _pattern_quantized_gated_linear, build_quantized_gated_linear,
+             tuple({"quant": quant, "gate_first": first} for quant in (True, False) for first in (True, False))),
+        Rule("quantize(x * cos + rotate_half(x) * sin) => zqhero.rotary_quantize(x, cos, sin, s)",
+             _pattern_rotary_quantize, build_rotary_quantize),
         Rule("[quant](attention(dequant(q), dequant(k), dequant(v))) => zqhero.quantized_attention(q, k, v, s_out)",
              _pattern_quantized_attention, lambda gm, m: build_quantized_attention(gm, m, config),
              ({"quant": True}, {"quant": False})),
