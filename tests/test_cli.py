@@ -211,7 +211,7 @@ def test_dump_tiny_writes_pass_files_and_sqnr_report(tiny, tmp_path, capsys):
                            "--mode", "M3", "--calib-batches", "2", "--out", out_dir], capsys)
     assert code == 0, err
     names = {p.name for p in out_dir.iterdir()}
-    for stem in ("00_input", "06_lower", "08_clean_up"):
+    for stem in ("00_input", "07_lower", "09_clean_up"):
         assert {f"{stem}.py", f"{stem}.svg", f"{stem}.json"} <= names, names
     assert "sqnr_report.md" in names and "sqnr_report.json" in names
     assert str(out_dir.resolve()) in out and "sqnr_report.md" in out and "lowest SQNR" in out

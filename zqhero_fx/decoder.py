@@ -115,8 +115,14 @@ class CausalLMStep(torch.nn.Module):
 
     def forward(self, input_ids, position_ids, cache_position, attention_mask, key_cache: list, value_cache: list):
         cache = GraphCache(key_cache, value_cache, cache_position)
+        visible = visibility_mask(cache_position, attention_mask, self.sliding_window)
+        if getattr(self.model.config, "_attn_implementation", "sdpa") != "sdpa":
+            # Eager attention adds the mask to the logits: it needs the additive form, not a boolean keep-mask.
+            dtype = next(self.model.parameters()).dtype
+            visible = torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill(
+                ~visible, torch.finfo(dtype).min)
         output = self.model(input_ids=input_ids, position_ids=position_ids, cache_position=cache_position,
-                            attention_mask=visibility_mask(cache_position, attention_mask, self.sliding_window),
+                            attention_mask=visible,
                             use_cache=True, **{self.cache_argument: cache})
         return output.logits
 

