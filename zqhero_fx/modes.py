@@ -49,10 +49,11 @@ class QuantConfig:
     # SmoothQuant-style migration of activation outliers from each norm's output into the GEMMs it feeds
     # (passes/smooth.py): the strength alpha in (0, 1), 0.5 in the paper; None turns it off. Costs nothing at run time.
     smoothing: float | None = None
-    # FWQ guard (ours): an FWQ GEMM input whose calibration sample quantizes below this SQNR (dB) with its static
-    # per-feature scale, and at least 6 dB better per token, is quantized per token (dynamic) instead: LLM
-    # down_proj inputs (SwiGLU products) are heavy-tailed per token. None: always FWQ, the paper's scheme.
-    fwq_guard_db: float | None = 25.0
+    # How FWQ sites (GEMMs fed by GEMMs/attention) scale their input (docs/modes.md, "FWQ on decoders"):
+    # "static": the paper's static per-feature scales everywhere; "per_token": a dynamic per-token scale (a standalone
+    # quantize after the producer); "auto" (default): per token in a decoder LLM's step graph (measured on SmolLM2:
+    # M2 with static FWQ +29% perplexity, per token +2.9%), static elsewhere.
+    fwq_activations: str = "auto"
     # Decoders: when attention is quantized, the KV cache stores K and V in the activation format with the
     # attention's static scales (passes/quantize_kv_cache.py); False keeps a float cache.
     quantize_kv_cache: bool = True
@@ -80,8 +81,8 @@ class QuantConfig:
             raise ConfigError(f"embedding_granularity={self.embedding_granularity!r}: use 'row' or 'tensor'")
         if self.smoothing is not None and not (isinstance(self.smoothing, (int, float)) and 0.0 < self.smoothing < 1.0):
             raise ConfigError(f"smoothing={self.smoothing!r}: the migration strength must lie in (0, 1), or None")
-        if self.fwq_guard_db is not None and not (isinstance(self.fwq_guard_db, (int, float)) and self.fwq_guard_db > 0):
-            raise ConfigError(f"fwq_guard_db={self.fwq_guard_db!r}: an SQNR floor in dB (> 0), or None for plain FWQ")
+        if self.fwq_activations not in ("auto", "static", "per_token"):
+            raise ConfigError(f"fwq_activations={self.fwq_activations!r}: use 'auto', 'static' or 'per_token'")
         if self.softmax_scale is not None and not 0.0 < self.softmax_scale <= 1.0:
             raise ConfigError(f"softmax_scale={self.softmax_scale}: must lie in (0, 1]")
 

@@ -1,7 +1,6 @@
 """calibrate: run the float graph on the calibration inputs (an fx Interpreter with observers) and record, for every
 tensor that feeds or leaves a GEMM or attention node, its per-feature range (absmax, or a percentile of |x| averaged over
-batches) in state(node).range (float32 [last dim]), and the absmax over every batch but the first in
-state(node).holdout_range (the FWQ guard judges a static scale on the first batch's sample, out of sample). Keeps a few rows of the first batch in gm.meta for the fold
+batches) in state(node).range (float32 [last dim]). Keeps a few rows of the first batch in gm.meta for the fold
 checks and the error report. NaN/Inf activations raise CalibrationError naming the node and the batch.
 """
 
@@ -50,7 +49,7 @@ class _Observer(fx.Interpreter):
         self.ranges: dict[str, torch.Tensor] = {}
         self.batches: dict[str, int] = {}
         self.samples: dict[str, torch.Tensor] = {}
-        self.holdout: dict[str, torch.Tensor] = {}  # ranges without batch 0: judge a static scale out of sample
+
         self.batch_index = 0
 
     def run_node(self, n):
@@ -65,8 +64,6 @@ class _Observer(fx.Interpreter):
                     f"calibration batch {self.batch_index}: node {n.name}{where} produced {bad} activations; "
                     "check the calibration inputs (and the model in floating point) before quantizing"
                 )
-            if self.batch_index > 0:
-                self.holdout[n.name] = torch.maximum(self.holdout[n.name], r) if n.name in self.holdout else r
             if self.method == "absmax":
                 self.ranges[n.name] = torch.maximum(self.ranges[n.name], r) if n.name in self.ranges else r
             else:  # running mean of per-batch percentiles
@@ -100,7 +97,7 @@ def calibrate(gm: fx.GraphModule, batches: list, method: str = "absmax", percent
     for node in watch:
         if node.name in observer.ranges:
             node_state(node).range = observer.ranges[node.name]
-            node_state(node).holdout_range = observer.holdout.get(node.name)
+
     state["samples"] = observer.samples
     state["calibration_batches"] = count
     return gm

@@ -73,9 +73,6 @@ class Precisions:
 FLOAT_STATIC_HEADROOM = 2.0
 
 
-FWQ_GUARD_MARGIN_DB = 6.0  # per token must win by a bit per level (~6 dB) to replace the fusable static scale
-
-
 def static_scale(value_range: torch.Tensor, per_feature: bool, fmt: Format) -> torch.Tensor:
     r = value_range.float() if per_feature else value_range.float().amax().reshape(1)
     scale = fmt.scale_for(r)
@@ -172,56 +169,26 @@ class _Inserter:
         self.mark(gemm, fmt, Scheme.TWQ)
 
     # -- FWQ: static per-feature scale on a GEMM input, quantized where the producer can emit it
-    def per_token_wins(self, x: fx.Node, scale: torch.Tensor, fmt: Format) -> tuple[float, float] | None:
-        """(static, per-token) SQNR in dB (see sqnr below) of quantizing the first calibration batch's sample of `x` (with the static
-        per-feature scale the *other* batches give, when there are others: unseen text), when per-token quantization
-        beats the static scale by the guard's margin and the static one falls below the guard's floor."""
-        floor = self.config.fwq_guard_db
-        sample = self.gm.meta.get("zqhero", {}).get("samples", {}).get(x.name)
-        if floor is None or sample is None or not sample.is_floating_point() or not sample.abs().sum() > 0:
-            return None
-        sample = sample.float()
-        holdout = state(x).holdout_range
-        if holdout is not None:  # the scale the other calibration batches give: how FWQ does on unseen text
-            scale = static_scale(holdout, True, fmt)
-        static = fmt.dequantize(fmt.quantize(sample, scale), scale)
-        dynamic = fmt.dequantize(*fmt.quantize_per_token(sample))
-
-        rows = sample.reshape(-1, sample.shape[-1])
-        energy = rows.pow(2).sum(-1)
-        live = energy > 0
-
-        def sqnr(y):
-            # The worse of the whole-tensor SQNR (a few tokens clipped by a scale calibration set too low) and the
-            # mean per-token SQNR (one token with massive activations, an LLM's attention sink, hides in the first
-            # what a per-feature scale set by it does to every other token).
-            noise = (rows - y.reshape(rows.shape)).pow(2).sum(-1).clamp(min=1e-30)
-            whole = 10 * torch.log10(energy.sum() / noise.sum())
-            per_token = (10 * torch.log10(energy[live] / noise[live])).mean()
-            return float(torch.minimum(whole, per_token))
-
-        static_db, dynamic_db = sqnr(static), sqnr(dynamic)
-        return (static_db, dynamic_db) if static_db < floor and dynamic_db >= static_db + FWQ_GUARD_MARGIN_DB \
-            else None
-
     def fwq_input(self, gemm: fx.Node, fmt: Format) -> bool:
         x = gemm.args[0]
         value_range = state(x).range
         if value_range is None:
             return False
         scale = static_scale(value_range, True, fmt)
-        guard = self.per_token_wins(x, scale, fmt)
-        if guard is not None:
-            # Heavy-tailed rows (a SwiGLU product in an LLM's down_proj input): one scale per feature for every token
-            # leaves most tokens few levels; a dynamic per-token scale, computed where the input is produced, keeps
-            # them (see docs/modes.md, "FWQ guard").
+        choice = self.config.fwq_activations
+        if choice == "auto" and "zqhero_decoder" in self.gm.meta:
+            choice = "per_token"  # LLM activations: see QuantConfig.fwq_activations
+        if choice == "per_token":
+            # LLM activations: a static per-feature scale from calibration text clips or starves other text's tokens
+            # (massive activations, heavy-tailed SwiGLU products); a dynamic per-token scale, computed after the
+            # producer, keeps them (docs/modes.md, "FWQ on decoders").
             with self.gm.graph.inserting_before(gemm):
                 xq, sx = self.per_token(x, fmt.storage_dtype)
             deq = _call(self.gm, zq.dequantize.default, (xq, sx), before=gemm)
             gemm.replace_input_with(x, deq)
             state(gemm).input_sample = x.name
             self.mark(gemm, fmt, Scheme.TWQ)
-            self.gm.meta["zqhero"].setdefault("fwq_guarded", {})[module_path(gemm) or gemm.name] = guard
+            self.gm.meta["zqhero"].setdefault("fwq_per_token", []).append(module_path(gemm) or gemm.name)
             return True
         producer, chain = through_layout(x)
         s_in = self.const(f"{gemm.name}_in_scale", scale, before=gemm)

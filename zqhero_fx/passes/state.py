@@ -28,7 +28,6 @@ class NodeState:
     bound: str | None = None  # "compute" | "memory" | "free"
     # calibrate -> insert_qdq (static scales)
     range: torch.Tensor | None = None  # float32 per-feature range (absmax or percentile of |x|)
-    holdout_range: torch.Tensor | None = None  # the same over every batch but the first (whose sample is kept)
     # insert_qdq -> fold_scales, lower, dumps, coverage
     module_path: str | None = None  # the owning module, from the node's weight when it has one
     precision: str | None = None  # a format name ("int8", "fp8_e4m3") or a float dtype ("fp32", "fp16", "bf16")
