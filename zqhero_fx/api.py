@@ -22,6 +22,10 @@ def _calibration_batches(gm: fx.GraphModule, calibration, config: QuantConfig) -
         if config.needs_calibration:
             raise CalibrationError(f"mode {config.name} needs calibration data for its static scales: pass "
                                    "calibration=[batch, ...] with batches in the same form as the example inputs")
+        if config.smoothing_for("zqhero_decoder" in gm.meta) is not None:
+            raise CalibrationError(f"mode {config.name} smooths a decoder's activation outliers into its weights "
+                                   "(QuantConfig.smoothing), which needs their ranges: pass calibration=[{'input_ids': "
+                                   "ids}, ...], or convert with MODES['M1'].replace(smoothing=None)")
         return []
     if isinstance(calibration, (torch.Tensor, dict)):
         raise CalibrationError("calibration must be an iterable of batches (e.g. a list of dicts or tuples), "
@@ -121,7 +125,8 @@ def convert(traced_module: fx.GraphModule, mode, *, calibration=None, overrides=
 
         dumper = Dumper(dump_dir)
     with torch.no_grad():
-        gm = run_pipeline(gm, build_pipeline(config, batches, overrides), dumper=dumper)
+        gm = run_pipeline(gm, build_pipeline(config, batches, overrides, "zqhero_decoder" in gm.meta),
+                          dumper=dumper)
         if dumper is not None:
             dumper.write_coverage(gm)
             if batches:

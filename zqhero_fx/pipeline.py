@@ -19,12 +19,13 @@ from zqhero_fx.passes import (calibrate, canonicalize, classify, clean_up, fold_
                               propagate_meta, quantize_kv_cache, smooth)
 
 
-def build_pipeline(config: QuantConfig, calibration: list, overrides: dict[str, str]):
+def build_pipeline(config: QuantConfig, calibration: list, overrides: dict[str, str], decoder: bool = False):
     """(name, pass) pairs in order. Settings are bound here, never read from globals."""
     calibration_pass = functools.partial(calibrate, batches=calibration, method=config.calibration_method,
                                          percentile=config.percentile)
-    smoothing = () if config.smoothing is None or not config.norm_fed_gemms else (
-        ("smooth", functools.partial(smooth, alpha=config.smoothing)),
+    alpha = config.smoothing_for(decoder)
+    smoothing = () if alpha is None else (
+        ("smooth", functools.partial(smooth, alpha=alpha)),
         ("calibrate_smoothed", calibration_pass),  # ranges and samples of the smoothed graph
     )
     return (

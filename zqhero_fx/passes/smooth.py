@@ -8,8 +8,8 @@ scale, so the other channels keep few levels. With a per-channel factor s_j
 
 and norm(x) / s is the same norm with weight γ / s (and bias β / s), so the division costs nothing at run time, and
 W · diag(s) is quantized per output channel as before. s_j = max|X_j|^α / max|W_j|^(1-α) over the calibration
-ranges of the norm's output X and the columns of every GEMM it feeds (α = `QuantConfig.smoothing`, 0.5 in the paper;
-None turns the pass off). Applies where every user of the norm output is such a GEMM: a post-norm block (BERT)
+ranges of the norm's output X and the columns of every GEMM it feeds (α = `QuantConfig.smoothing`: 0.5 in the paper,
+0.8 by default in decoders, where it measured best; None turns the pass off). Applies where every user of the norm output is such a GEMM: a post-norm block (BERT)
 also adds the norm output to a residual, which the division would change, so it is left alone; GEMMs whose result is
 a model output (LM heads) and tensors shared with other nodes (tied or shared weights) are left alone too. Ranges and
 samples are stale afterwards: the pipeline calibrates again.
