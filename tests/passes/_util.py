@@ -17,7 +17,7 @@ def pipeline_until(gm, mode, calibration, stop_before, overrides=None):
     config = resolve_mode(mode)
     batches = _calibration_batches(gm, calibration, config) if calibration is not None else []
     gm.meta["zqhero"] = {"config": config, "flat_example": batches[0] if batches else None}
-    passes = build_pipeline(config, batches, overrides or {})
+    passes = build_pipeline(config, batches, overrides or {}, "zqhero_decoder" in gm.meta)
     names = [name for name, _ in passes]
     index = names.index(stop_before)
     with torch.no_grad():
