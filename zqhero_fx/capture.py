@@ -97,14 +97,21 @@ def trace(model: torch.nn.Module, example_inputs, *, max_cache_len: int | None =
                            f"{str(error).splitlines()[0] if str(error) else ''}. Models with data-dependent Python "
                            "control flow need torch.compile(model, backend='zqhero') instead, which splits them "
                            "into graphs") from error
+    gm = exported_module(program)
+    gm.meta["zqhero_example_inputs"] = example_inputs
+    return gm
+
+
+def exported_module(program: torch.export.ExportedProgram) -> fx.GraphModule:
+    """The program as a GraphModule without export's guard call, which checks inputs against the example's
+    assumptions; the sizes we capture as symbolic do vary."""
     gm = program.module()
-    for node in list(gm.graph.nodes):  # the guard call checks inputs against export's assumptions; shapes vary here
+    for node in list(gm.graph.nodes):
         if node.op == "call_module" and node.target == "_guards_fn":
             gm.graph.erase_node(node)
     if hasattr(gm, "_guards_fn"):
         delattr(gm, "_guards_fn")
     gm.recompile()
-    gm.meta["zqhero_example_inputs"] = example_inputs
     return gm
 
 
@@ -120,8 +127,7 @@ def flatten_inputs(gm: fx.GraphModule, inputs, what: str = "input") -> list:
 
         flat = decoder.complete_inputs(gm, inputs)
         if flat is not None:
-            inputs = (*flat[:4], flat[4:4 + gm.meta["zqhero_decoder"].num_layers],
-                      flat[4 + gm.meta["zqhero_decoder"].num_layers:])
+            inputs = decoder.step_args(gm, flat)
     args, kwargs = split_inputs(inputs, what)
     codegen = gm.graph._codegen
     if isinstance(codegen, _PyTreeCodeGen) and codegen.pytree_info.in_spec is not None:

@@ -186,7 +186,7 @@ def trace_decoder(model: torch.nn.Module, example_inputs, *, max_cache_len: int 
                   max_batch: int | None = None) -> fx.GraphModule:
     """Capture a causal LM as a step graph (see the module docstring). `example_inputs` gives example token ids
     ({"input_ids": ids, ...} or ids); the example only sets dtypes and devices, every size is symbolic."""
-    from zqhero_fx.capture import _eval_mode, split_inputs
+    from zqhero_fx.capture import _eval_mode, exported_module, split_inputs
 
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     max_cache_len = int(max_cache_len or min(getattr(config, "max_position_embeddings", DEFAULT_MAX_CACHE_LEN),
@@ -231,13 +231,7 @@ def trace_decoder(model: torch.nn.Module, example_inputs, *, max_cache_len: int 
         except Exception as error:
             raise CaptureError(f"could not capture {type(model).__name__} with its KV cache: {type(error).__name__}: "
                                f"{str(error).splitlines()[0] if str(error) else ''}") from error
-    gm = program.module()
-    for node in list(gm.graph.nodes):
-        if node.op == "call_module" and node.target == "_guards_fn":
-            gm.graph.erase_node(node)
-    if hasattr(gm, "_guards_fn"):
-        delattr(gm, "_guards_fn")
-    gm.recompile()
+    gm = exported_module(program)
     gm.meta["zqhero_decoder"] = spec
     gm.meta["zqhero_example_inputs"] = {"input_ids": ids}
     return gm
@@ -357,12 +351,18 @@ def check_cache(gm: fx.GraphModule, keys: list, values: list) -> None:
                                    "zqhero_fx.decoder.step_inputs or new_cache(spec, ..., cache_dtypes(graph))")
 
 
+def step_args(gm: fx.GraphModule, flat: list) -> tuple:
+    """Flat inputs [input_ids, position_ids, cache_position, attention_mask, *keys, *values] as the step graph's
+    arguments: the four tensors, then the key caches and the value caches as two lists."""
+    layers = spec_of(gm).num_layers
+    return (*flat[:4], list(flat[4:4 + layers]), list(flat[4 + layers:]))
+
+
 def run_step(gm: fx.GraphModule, flat: list) -> torch.Tensor:
     """One step on flat inputs [input_ids, position_ids, cache_position, attention_mask, *keys, *values]."""
-    layers = spec_of(gm).num_layers
-    keys, values = list(flat[4:4 + layers]), list(flat[4 + layers:])
-    check_cache(gm, keys, values)
-    return gm(*flat[:4], keys, values)
+    args = step_args(gm, flat)
+    check_cache(gm, args[4], args[5])
+    return gm(*args)
 
 
 def prefill_logits(gm: fx.GraphModule, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None

@@ -41,11 +41,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from zqhero_fx.decoder import GenerationResult
 from zqhero_fx.errors import ConfigError, ZqheroError
+from zqhero_fx.eval.run import _resolve_device, _sync
 
 __all__ = [
     "LogitsFn", "LMScore", "FP32Reference", "evaluate_lm", "perplexity", "hf_logits_fn", "W8A8Linear",
-    "quantize_per_channel", "w8a8_dynamic_baseline", "GenerationSample", "hf_generate", "chat_prompt_ids",
+    "quantize_per_channel", "w8a8_dynamic_baseline", "hf_generate", "chat_prompt_ids",
     "new_text", "DecoderSettings", "evaluate_decoder", "render_decoder_table", "decoder_markdown",
     "write_decoder_report", "DECODER_MODELS", "is_decoder_model", "BASELINE", "W8A8_BASELINE",
 ]
@@ -342,22 +344,6 @@ def w8a8_dynamic_baseline(model: nn.Module, *, skip: Sequence[str] = ("lm_head",
 # --------------------------------------------------------------------------- generation
 
 
-@dataclass
-class GenerationSample:
-    """Like :class:`zqhero_fx.decoder.GenerationResult`: ``sequences`` = prompt + new tokens; the prefill produces
-    the first new token, ``decode_seconds`` covers the ``new_tokens - 1`` steps after it."""
-
-    sequences: torch.Tensor
-    new_tokens: int
-    prefill_seconds: float
-    decode_seconds: float
-
-    @property
-    def decode_tokens_per_second(self) -> float:
-        steps = self.new_tokens - 1
-        return self.sequences.shape[0] * steps / self.decode_seconds if steps > 0 and self.decode_seconds else 0.0
-
-
 def _eos_set(model: nn.Module, eos_token_id) -> tuple[int, ...]:
     if eos_token_id is None:
         config = getattr(model, "generation_config", None) or model.config
@@ -380,7 +366,7 @@ def _out_cache(out):
 
 
 def hf_generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int = 32, *,
-                eos_token_id: int | Sequence[int] | None = None) -> GenerationSample:
+                eos_token_id: int | Sequence[int] | None = None) -> GenerationResult:
     """Greedy generation with an eager Hugging Face causal LM and its own KV cache, batch 1, timed like
     :func:`zqhero_fx.generate`.  Stops at an end-of-sequence token (the model's unless given; ``()`` never stops)."""
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
@@ -407,7 +393,7 @@ def hf_generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int =
             cache = _out_cache(out)
             token = out.logits[:, -1].argmax(-1)
         decode_seconds = time.perf_counter() - start
-    return GenerationSample(torch.cat([ids, torch.stack(tokens, 1)], 1), len(tokens), prefill_seconds, decode_seconds)
+    return GenerationResult(torch.cat([ids, torch.stack(tokens, 1)], 1), len(tokens), prefill_seconds, decode_seconds)
 
 
 def chat_prompt_ids(tokenizer, prompt: str) -> torch.Tensor:
@@ -480,20 +466,6 @@ class DecoderSettings:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.warmup < 0:
             raise ConfigError(f"warmup must be >= 0, got {self.warmup}")
-
-
-def _resolve_device(device: str) -> torch.device:
-    if device in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {device}: CUDA is not available on this machine")
-    return dev
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _calibration_windows(settings: DecoderSettings, ids: torch.Tensor) -> tuple[list[torch.Tensor], dict]:
