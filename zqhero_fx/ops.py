@@ -216,6 +216,46 @@ def _(x, cos, sin, scale, out_dtype):
     return x.new_empty(x.shape, dtype=out_dtype)
 
 
+@torch.library.custom_op("zqhero::packed_linear", mutates_args=())
+def packed_linear(
+    x: torch.Tensor,
+    x_scale: torch.Tensor | None,
+    w_codes: list[torch.Tensor],
+    w_format: str,
+    group_size: int,
+    w_scale: torch.Tensor,
+    w_group_scale: torch.Tensor | None,
+    group_scale_kind: str,
+    w_group_zero: torch.Tensor | None,
+    lorc: list[torch.Tensor],
+    bias: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    out_scale: torch.Tensor | None,
+    activation: str,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """A GEMM on sub-byte packed weights (zqhero_fx/weights.py has the layouts): W4A8 (ZeroQuant-FP), A8W4 (DGQ) and
+    weight-only FP6 "4+2", one op whose operands say which.
+
+    The weight [N, K] is w_scale[n] * f[n, g] * v[n, k], g = k // group_size: v the code values of `w_format` read from
+    `w_codes` (4-bit: one [N, K/2] nibble stream; FP6: [lo4 [N, K/2], hi2 [N, K/4]]), minus w_group_zero[n, g] when
+    given (then the 4-bit codes are unsigned 0..15); f the group factor by `group_scale_kind`: "none" (1), "integer"
+    (w_group_scale, int8 >= 1: DGQ's integer group scales, so f * v is an INT8 weight) or "exponent" (2 ** w_group_scale:
+    ZeroQuant-FP's power-of-two ratios, so f * v is an exact FP8 value). x is quantized ([..., K] int8 / float8 with a
+    per-token or scalar x_scale) or float with x_scale None (weight-only). `lorc` is [] or LoRC's 8-bit factors
+    [b int8 [r, K], b_scale [r], a int8 [N, r], a_scale [N]]: W += (a * a_scale) (b * b_scale), applied as a thin side
+    GEMM. y = act(acc * x_scale * w_scale + x·(side) + bias) (+ residual), cast to `out_dtype` or quantized with
+    `out_scale`, as quantized_linear does."""
+    return dispatch.run("packed_linear", x, x_scale, w_codes, w_format, group_size, w_scale, w_group_scale,
+                        group_scale_kind, w_group_zero, lorc, bias, residual, out_scale, activation, out_dtype)
+
+
+@packed_linear.register_fake
+def _(x, x_scale, w_codes, w_format, group_size, w_scale, w_group_scale, group_scale_kind, w_group_zero, lorc, bias,
+      residual, out_scale, activation, out_dtype):
+    return x.new_empty((*x.shape[:-1], w_scale.shape[0]), dtype=out_dtype)
+
+
 OPS = {
     "quantize_per_token": quantize_per_token,
     "quantize": quantize,
@@ -227,6 +267,7 @@ OPS = {
     "embedding_norm_quant": embedding_norm_quant,
     "quantized_gated_linear": quantized_gated_linear,
     "rotary_quantize": rotary_quantize,
+    "packed_linear": packed_linear,
 }
 
 __all__ = ["OPS", "ACTIVATIONS", "NORM_KINDS", *OPS]

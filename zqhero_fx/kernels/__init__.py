@@ -7,6 +7,7 @@ from zqhero_fx.dispatch import KERNELS, kernel_choice, use_kernels
 from zqhero_fx.kernels import (  # noqa: F401  (imported to register the kernels)
     embedding_norm_quant,
     norm_quant,
+    packed_linear,
     quantize,
     quantized_attention,
     quantized_embedding,
