@@ -44,7 +44,7 @@ def _calibration_batches(gm: fx.GraphModule, calibration, config: QuantConfig) -
 def check_device_runs(config: QuantConfig, device: torch.device) -> None:
     """Refuse a format the device has no arithmetic for: FP8 needs an sm_89+ GPU (Ada, Hopper); on the CPU every
     8-bit format runs (FP8 through the PyTorch reference, see docs/kernels.md)."""
-    if config.activations.kind != "float" or dispatch.fp8_runs_on(device):
+    if config.weight_only or config.activations.kind != "float" or dispatch.fp8_runs_on(device):
         return
     major, minor = torch.cuda.get_device_capability(device)
     raise ConfigError(f"mode {config.name} computes in {config.activation_format}, which needs an sm_89 or newer "

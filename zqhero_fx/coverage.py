@@ -21,6 +21,7 @@ class Site:
     scheme: str  # "twq" | "fwq" | "sq" | "sq(q,k)+fwq(v)+sq(p)" | "float"
     reason: str  # why it stays float; "" when quantized
     by_design: bool = False  # float because the mode, an override or the LM-head default says so (no warning)
+    weight: str = ""  # a quantized GEMM's weight format ("int8", "int4/g64 int-scales asym grid", ...)
 
     @property
     def quantized(self) -> bool:
@@ -30,7 +31,8 @@ class Site:
 @dataclass
 class Coverage:
     mode: str
-    activation_format: str
+    activation_format: str  # "none": weight-only
+    weight_format: str = ""
     sites: list[Site] = field(default_factory=list)
 
     def add(self, node: fx.Node, kind: str, reason: str, by_design: bool = False) -> None:
@@ -42,8 +44,10 @@ class Coverage:
         scheme = record.attention_schemes or (str(record.scheme) if record.scheme is not None else "float")
         precision = record.precision if quantized else (
             record.precision if record.precision in ("fp16", "bf16") else "fp32")
+        weight = self.weight_format if quantized and kind == "gemm" and record.precision in (
+            self.activation_format, self.weight_format.split("/")[0]) else (record.precision if quantized else "")
         self.sites.append(Site(node.name, kind, module_path(node), precision, scheme if quantized else "float",
-                               reason, by_design and not quantized))
+                               reason, by_design and not quantized, weight))
 
     def of_kind(self, kind: str) -> list[Site]:
         return [s for s in self.sites if s.kind == kind]
@@ -73,13 +77,15 @@ class Coverage:
         return text
 
     def table(self) -> str:
-        lines = [f"{self.summary()}", "", "| site | kind | module | precision | scheme | why float |",
-                 "|---|---|---|---|---|---|"]
-        lines += [f"| {s.node} | {s.kind} | {s.module} | {s.precision} | {s.scheme} | {s.reason} |" for s in self.sites]
+        lines = [f"{self.summary()}", "", "| site | kind | module | precision | weight | scheme | why float |",
+                 "|---|---|---|---|---|---|---|"]
+        lines += [f"| {s.node} | {s.kind} | {s.module} | {s.precision} | {s.weight} | {s.scheme} | {s.reason} |"
+                  for s in self.sites]
         return "\n".join(lines)
 
     def to_json(self) -> str:
         return json.dumps({"mode": self.mode, "activation_format": self.activation_format,
+                           "weight_format": self.weight_format,
                            "counts": {k: list(v) for k, v in self.counts().items()},
                            "sites": [asdict(s) for s in self.sites]}, indent=1)
 

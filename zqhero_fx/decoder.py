@@ -274,6 +274,8 @@ def cache_dtypes(gm: fx.GraphModule) -> list[tuple[torch.dtype, torch.dtype]]:
     spec = spec_of(gm)
     dtypes = {n.target: n.meta["val"].dtype for n in gm.graph.nodes
               if n.op == "placeholder" and isinstance(n.meta.get("val"), torch.Tensor)}
+    if not dtypes and "zqhero_cache_dtypes" in gm.meta:  # loaded by zqhero_fx.load: no traced metadata
+        return list(gm.meta["zqhero_cache_dtypes"])
     names = [n.target for n in gm.graph.nodes if n.op == "placeholder"][len(STEP_INPUTS):]
     keys, values = names[:spec.num_layers], names[spec.num_layers:]
     return [(dtypes[k], dtypes[v]) for k, v in zip(keys, values)]

@@ -6,6 +6,7 @@ executes no stored code and unpickles nothing.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import math
@@ -145,6 +146,12 @@ def save(gm: fx.GraphModule, path) -> Path:
     meta["zqhero"] = {"mode": getattr(config, "name", None), "lowered": state.get("lowered", {}),
                       "activation_format": getattr(config, "activation_format", None),
                       "weight_format": getattr(config, "weight_format", None)}
+    if "zqhero_decoder" in gm.meta:  # a decoder step graph: its cache layout, so generate() works after load
+        from zqhero_fx import decoder
+
+        meta["decoder"] = {"spec": dataclasses.asdict(gm.meta["zqhero_decoder"]),
+                           "cache_dtypes": [[str(k).removeprefix("torch."), str(v).removeprefix("torch.")]
+                                            for k, v in decoder.cache_dtypes(gm)]}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path), metadata={"zqhero_fx": json.dumps(meta)})
@@ -193,7 +200,20 @@ def load(path) -> fx.GraphModule:
         raise SerializationError(f"{path} lacks tensors {missing[:3]}")
     gm = fx.GraphModule({n.target: tensors[n.target] for n in graph.nodes if n.op == "get_attr"}, graph)
     gm.meta["zqhero"] = meta.get("zqhero", {})
+    if "decoder" in meta:
+        from zqhero_fx import decoder
+
+        spec = dict(meta["decoder"]["spec"], eos_token_ids=tuple(meta["decoder"]["spec"]["eos_token_ids"]))
+        gm.meta["zqhero_decoder"] = decoder.DecoderSpec(**spec)
+        gm.meta["zqhero_cache_dtypes"] = [tuple(_dtype(d) for d in pair) for pair in meta["decoder"]["cache_dtypes"]]
     return gm
+
+
+def _dtype(name: str) -> torch.dtype:
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise SerializationError(f"unknown dtype {name!r} in the saved decoder cache layout")
+    return dtype
 
 
 __all__ = ["save", "load"]

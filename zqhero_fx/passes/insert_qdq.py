@@ -39,6 +39,7 @@ from zqhero_fx.passes.roles import Role, gemm_input_scheme, is_weight_gemm, norm
 from zqhero_fx.passes.state import state
 
 FLOAT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+WEIGHT_ONLY = "weight-only"  # the scheme of a GEMM whose activations stay float (lower packs its weight)
 
 
 class Precisions:
@@ -306,7 +307,8 @@ def insert_qdq(gm: fx.GraphModule, config: QuantConfig, overrides: dict[str, str
             state(node).precision = precisions(module_path(node))
     precisions.check_all_matched(all_paths)
     heads = output_heads(gm)
-    coverage = Coverage(mode=config.name, activation_format=config.activation_format)
+    coverage = Coverage(mode=config.name, activation_format=config.activation_format,
+                        weight_format=weight_description(config))
 
     for kind, node, override, (scheme, why) in plan:
         if override in FLOAT_DTYPES:
@@ -316,11 +318,24 @@ def insert_qdq(gm: fx.GraphModule, config: QuantConfig, overrides: dict[str, str
                 state(node).precision, state(node).scheme = "fp32", "float"
             coverage.add(node, kind, f"override {override}", by_design=True)
             continue
-        fmt = get_format(override) if override else config.activations
+        fmt = get_format(override) if override else (config.weights if config.weight_only else config.activations)
         reason, by_design = _quantize_site(ins, config, kind, node, fmt, scheme, why, heads)
         coverage.add(node, kind, reason, by_design)
     gm.meta.setdefault("zqhero", {})["coverage"] = coverage
     return gm
+
+
+def weight_description(config: QuantConfig) -> str:
+    """The GEMM weights' format as the coverage report shows it: "int8", "fp4_e2m1/g64 pow2-ratio +lorc8", ..."""
+    scheme = config.weight_scheme
+    if scheme is None:
+        return config.weight_format
+    text = scheme.format + (f"/g{scheme.group_size}" if scheme.group_size else "/channel")
+    text += {"integer": " int-scales", "power_of_two": " pow2", "power_of_two_ratio": " pow2-ratio"}.get(
+        scheme.group_scales, "")
+    text += " asym" if scheme.zero_point else ""
+    text += " grid" if scheme.search == "grid" else ""
+    return text + (f" +lorc{scheme.lorc_rank}" if scheme.lorc_rank else "")
 
 
 def _quantize_site(ins: _Inserter, config: QuantConfig, kind, node, fmt, scheme, why, heads) -> tuple[str, bool]:
@@ -332,6 +347,10 @@ def _quantize_site(ins: _Inserter, config: QuantConfig, kind, node, fmt, scheme,
         if node in heads and not config.quantize_heads:
             return "output head: its result is a model output (float by default; QuantConfig(quantize_heads=True))", \
                 True
+        if config.weight_only:
+            # Only the weight is quantized (lower packs it): any GEMM with a weight qualifies, whatever feeds it.
+            ins.mark(node, config.weights, WEIGHT_ONLY)
+            return "", False
         if scheme is Scheme.TWQ:
             if not config.norm_fed_gemms:
                 return f"norm-fed GEMM: mode {config.name} does not quantize them (TWQ)", True

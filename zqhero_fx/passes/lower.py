@@ -1,7 +1,8 @@
 """lower: replace quantize/dequantize + op patterns with the fused zqhero ops. Each rule (passes/_rules.py) pairs a
 traced pattern function, whose parameters are the named captures, with a builder of the replacement; rules are named
-by the rewrite they perform and tried in table order, longest variants first. GEMM weights are quantized here, per
-output channel in the site's weight format, after fold_scales has scaled them. Precondition: fold_scales ran.
+by the rewrite they perform and tried in table order, longest variants first. GEMM weights are quantized here, after
+fold_scales has scaled them: 8-bit formats per output channel (quantized_linear), 4-/6-bit formats packed by the
+config's WeightScheme (packed_linear; weight_quant.py), also at weight-only sites where activations stay float. Precondition: fold_scales ran.
 Unmatched quantize/dequantize nodes stay and run as standalone (memory-bound) zqhero ops.
 """
 
@@ -25,7 +26,9 @@ from zqhero_fx.passes._graph import (
     zq,
 )
 from zqhero_fx.passes._rules import Match, Rule, apply_rules
+from zqhero_fx.passes.insert_qdq import WEIGHT_ONLY
 from zqhero_fx.passes.state import FLOAT_PRECISIONS, copy_state, peek, state
+from zqhero_fx.weight_quant import quantize_weight
 
 ACTIVATION_OPS = {"gelu": aten.gelu.default, "relu": aten.relu.default, "silu": aten.silu.default}
 QUICK_GELU = 1.702
@@ -187,18 +190,65 @@ def build_quantized_linear(gm: fx.GraphModule, m: Match, config: QuantConfig) ->
     if out_scale is not None and param_of(gm, out_scale) is None:
         return False  # a dynamic output scale has no fused form
     fmt = _weight_format(config, linear)
-    wq, w_scale = fmt.quantize_per_channel(weight.float())
-    wq_node = add_constant(gm, f"{linear.name}_weight_q", wq, before=linear)
-    ws_node = add_constant(gm, f"{linear.name}_weight_scale", w_scale, before=linear)
     out_dtype = m["out_dtype"] if out_scale is not None else val(last).dtype
-    with gm.graph.inserting_before(last):
-        fused = gm.graph.call_function(zq.quantized_linear.default, (
-            xq, m["x_scale"], wq_node, ws_node, m["bias"], None, out_scale, activation, out_dtype))
+    if fmt.bits < 8:
+        operands = _packed_weight(gm, linear, weight, config)
+        with gm.graph.inserting_before(last):
+            fused = gm.graph.call_function(zq.packed_linear.default, (
+                xq, m["x_scale"], *operands, m["bias"], None, out_scale, activation, out_dtype))
+    else:
+        wq, w_scale = fmt.quantize_per_channel(weight.float())
+        wq_node = add_constant(gm, f"{linear.name}_weight_q", wq, before=linear)
+        ws_node = add_constant(gm, f"{linear.name}_weight_scale", w_scale, before=linear)
+        with gm.graph.inserting_before(last):
+            fused = gm.graph.call_function(zq.quantized_linear.default, (
+                xq, m["x_scale"], wq_node, ws_node, m["bias"], None, out_scale, activation, out_dtype))
     origin = last.args[0] if out_scale is not None else last
     scale = (peek(last).prefold_scale if peek(last) and peek(last).prefold_scale is not None
              else param_of(gm, out_scale)) if out_scale is not None else None
     _replace(last, fused, origin, scale=scale, state_from=linear)
     return True
+
+
+def _packed_weight(gm: fx.GraphModule, linear: fx.Node, weight: torch.Tensor, config: QuantConfig) -> tuple:
+    """Quantize a GEMM weight into config's packed scheme; its tensors become constants. DGQ's grid search measures
+    output error on the GEMM's calibration input, where that input is what the GEMM sees (per-token sites; a static
+    FWQ site's weight was rescaled by fold_scales, so it falls back to the weight error)."""
+    record = state(linear)
+    sample = None
+    if record.scheme is not Scheme.FWQ and record.input_sample is not None:
+        sample = gm.meta.get("zqhero", {}).get("samples", {}).get(record.input_sample)
+    packed = quantize_weight(weight.float(), config.weight_scheme, sample,
+                             name=f"GEMM {record.module_path or linear.name}")
+
+    def const(hint, t):
+        return None if t is None else add_constant(gm, f"{linear.name}_{hint}", t, before=linear)
+
+    codes = [const(f"weight_codes{i}", c) for i, c in enumerate(packed.w_codes)]
+    lorc = [const(f"lorc_{part}", t) for part, t in zip(("b", "b_scale", "a", "a_scale"), packed.lorc)]
+    return (codes, packed.w_format, packed.group_size, const("weight_scale", packed.w_scale),
+            const("weight_group_scale", packed.w_group_scale), packed.group_scale_kind,
+            const("weight_group_zero", packed.w_group_zero), lorc)
+
+
+def build_weight_only_linear(gm: fx.GraphModule, m: Match, config: QuantConfig) -> bool:
+    """linear(x, W, b) at a weight-only site => zqhero.packed_linear(x, W packed, b): activations stay float."""
+    linear = m.output
+    weight = param_of(gm, m["weight"])
+    record = peek(linear)
+    if record is None or record.scheme != WEIGHT_ONLY or weight is None or weight.dim() != 2 \
+            or val(m["x"]) is None or not val(m["x"]).is_floating_point():
+        return False
+    operands = _packed_weight(gm, linear, weight, config)
+    with gm.graph.inserting_before(linear):
+        fused = gm.graph.call_function(zq.packed_linear.default, (
+            m["x"], None, *operands, m["bias"], None, None, "none", val(linear).dtype))
+    _adopt(linear, fused, linear)
+    return True
+
+
+def _pattern_weight_only_linear(x, weight, bias):
+    return aten.linear.default(x, weight, bias)
 
 
 def build_quantized_gated_linear(gm: fx.GraphModule, m: Match) -> bool:
@@ -319,6 +369,8 @@ def rules(config: QuantConfig) -> tuple[Rule, ...]:
              tuple({"kind": kind, "residual_add": add} for add in (True, False) for kind in ("layer", "rms"))),
         Rule("[quant](act(linear(dequant(x_q, s_x), W))) => zqhero.quantized_linear(x_q, s_x, W_q, s_w, act, s_out)",
              _pattern_quantized_linear, lambda gm, m: build_quantized_linear(gm, m, config), linear_variants),
+        Rule("linear(x, W) at a weight-only site => zqhero.packed_linear(x, W_packed)",
+             _pattern_weight_only_linear, lambda gm, m: build_weight_only_linear(gm, m, config)),
         Rule("[quant](act(gate(x)) * up(x)) => zqhero.quantized_gated_linear(x, W_gate, W_up, act, s_out)",
              _pattern_quantized_gated_linear, build_quantized_gated_linear,
              tuple({"quant": quant, "gate_first": first} for quant in (True, False) for first in (True, False))),

@@ -1,5 +1,5 @@
 """smooth: migrate activation outliers from a norm's output into the weights of the GEMMs it feeds (SmoothQuant,
-Xiao et al. 2023; DGQ's variant clips the activation statistic at a percentile: `calibration_method="percentile"`).
+Xiao et al. 2023; or DGQ's percentile-clipping variant, which squeezes only the outlier channels).
 
 A norm-fed GEMM quantizes its input per token (TWQ). A few input channels with large magnitudes set every token's
 scale, so the other channels keep few levels. With a per-channel factor s_j
@@ -9,7 +9,8 @@ scale, so the other channels keep few levels. With a per-channel factor s_j
 and norm(x) / s is the same norm with weight γ / s (and bias β / s), so the division costs nothing at run time, and
 W · diag(s) is quantized per output channel as before. s_j = max|X_j|^α / max|W_j|^(1-α) over the calibration
 ranges of the norm's output X and the columns of every GEMM it feeds (α = `QuantConfig.smoothing`: 0.5 in the paper,
-0.8 by default in decoders, where it measured best; None turns the pass off). Applies where every user of the norm output is such a GEMM: a post-norm block (BERT)
+0.8 by default in decoders, where it measured best; None turns the pass off). With `smoothing="percentile"` (DGQ) s_j
+= max|X_j| / b where max|X_j| exceeds b, the 99.5th-percentile channel's range, and 1 elsewhere. Applies where every user of the norm output is such a GEMM: a post-norm block (BERT)
 also adds the norm output to a residual, which the division would change, so it is left alone; GEMMs whose result is
 a model output (LM heads) and tensors shared with other nodes (tied or shared weights) are left alone too. Ranges and
 samples are stale afterwards: the pipeline calibrates again.
@@ -53,7 +54,15 @@ def _owned(gm, node, uses) -> torch.Tensor | None:
     return tensor
 
 
-def smooth(gm: fx.GraphModule, alpha: float | None) -> fx.GraphModule:
+def percentile_clip_factor(x_range: torch.Tensor) -> torch.Tensor:
+    """DGQ's smoothing (ilur98/DGQ smooth_ln_fcs): channels whose range exceeds the channel at rank C - floor(0.005 C +
+    1.5) of the sorted ranges (about the 99.5th percentile) are divided down to it; all others keep factor 1."""
+    channels = x_range.numel()
+    baseline = x_range.sort().values[max(0, channels - int(0.005 * channels + 1.5))].clamp(min=1e-5)
+    return torch.where(x_range > baseline, x_range / baseline, torch.ones_like(x_range))
+
+
+def smooth(gm: fx.GraphModule, alpha: float | str | None) -> fx.GraphModule:
     if alpha is None:
         return gm
     uses = _uses(gm)
@@ -74,8 +83,11 @@ def smooth(gm: fx.GraphModule, alpha: float | None) -> fx.GraphModule:
         if x_range is None or gamma is None or (bias_node is not None and beta is None) or any(
                 w is None or w.dim() != 2 for w in weights):
             continue
-        w_range = torch.stack([w.detach().abs().amax(0) for w in weights]).amax(0).float()
-        factor = (x_range.float().clamp(min=1e-5) ** alpha / w_range.clamp(min=1e-5) ** (1 - alpha))
+        if alpha == "percentile":
+            factor = percentile_clip_factor(x_range.float())
+        else:
+            w_range = torch.stack([w.detach().abs().amax(0) for w in weights]).amax(0).float()
+            factor = (x_range.float().clamp(min=1e-5) ** alpha / w_range.clamp(min=1e-5) ** (1 - alpha))
         factor = factor.clamp(MIN_FACTOR, MAX_FACTOR)
         with torch.no_grad():
             gamma.div_(factor.to(gamma.dtype))
