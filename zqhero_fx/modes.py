@@ -210,10 +210,15 @@ _ALIASES = {"fp6": "W6A16", "w4a8-fp4": "W4A8", "a8w4-int4": "A8W4"}
 
 
 def resolve_mode(mode) -> QuantConfig:
-    """A QuantConfig from a preset name ("M3", "m2-fp8"), "<preset>-<format>" for any 8-bit format
-    ("M3-fp8_e5m2", "M1-int8"), or a QuantConfig."""
+    """A QuantConfig from a preset name ("M3", "m2-fp8", "W4A8"), "<preset>-<format>" for any 8-bit format
+    ("M3-fp8_e5m2", "M1-int8") or another weight format of a packed preset ("W4A8-int4"), any of those with field
+    changes after "+" ("W4A8+lorc_rank=0", "A8W4+weight_search=none+smoothing=none"; values: integers, floats, none,
+    true/false or text), or a QuantConfig."""
     if isinstance(mode, QuantConfig):
         return mode
+    if isinstance(mode, str) and "+" in mode:
+        base, *changes = mode.strip().split("+")
+        return resolve_mode(base).replace(name=mode.strip(), **dict(_field_change(c, mode) for c in changes))
     if isinstance(mode, str):
         text = mode.strip()
         key = {m.lower(): m for m in MODES}.get(_ALIASES.get(text.lower(), text).lower())
@@ -230,6 +235,29 @@ def resolve_mode(mode) -> QuantConfig:
             return QuantConfig(name=f"{preset}-{name}", activation_format=name, weight_format=name, **_SITES[preset])
     raise ConfigError(f"unknown mode {mode!r}: use one of {', '.join(MODES)} (also {', '.join(_ALIASES)}), "
                       "'<M1|M2|M3>-<format>' or a QuantConfig")
+
+
+def _field_change(text: str, mode: str) -> tuple[str, object]:
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    fields = {f.name: f.type for f in dataclasses.fields(QuantConfig) if f.name != "name"}
+    if not sep or key not in fields:
+        raise ConfigError(f"mode {mode!r}: {text!r} is not a field change '<field>=<value>'; fields are "
+                          f"{', '.join(sorted(fields))}")
+    raw = raw.strip()
+    if fields[key] == "str":  # a text-only field: "none" is a value ("weight_search=none"), not None
+        return key, raw
+    lowered = raw.lower()
+    if lowered in ("none", "null"):
+        return key, None
+    if lowered in ("true", "false"):
+        return key, lowered == "true"
+    for parse in (int, float):
+        try:
+            return key, parse(raw)
+        except ValueError:
+            pass
+    return key, raw
 
 
 def resolve_overrides(overrides) -> dict[str, str]:

@@ -580,6 +580,7 @@ def evaluate_decoder(settings: DecoderSettings, *, command: str | None = None, m
     """
     import zqhero_fx
     from zqhero_fx.eval.data import LM_TEXTS, lm_text, token_windows, tokenize_text
+    from zqhero_fx.eval.run import gemm_weight_bits
 
     t_start = time.perf_counter()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -640,6 +641,7 @@ def evaluate_decoder(settings: DecoderSettings, *, command: str | None = None, m
     def finish_row(mode: _Mode, scores: dict[str, LMScore], eval_s: float) -> dict:
         sample = mode.generate(prompt_ids, settings.new_tokens)
         row = {"mode": mode.name, "metrics": {}, "size_mb": mode.size_mb, "convert_s": mode.convert_s,
+               "gemm_bits": gemm_weight_bits(mode.module)["bits_per_weight"],
                "eval_s": eval_s, "sample": new_text(tokenizer, sample.sequences, prompt_ids.shape[1]),
                "error": None}
         for name, s in scores.items():

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from zqhero_fx.errors import ConfigError, ZqheroError
 
-__all__ = ["EvalSettings", "evaluate", "parse_modes", "parse_override", "model_size_mb", "cpu_model",
+__all__ = ["EvalSettings", "evaluate", "parse_modes", "parse_override", "model_size_mb", "gemm_weight_bits", "cpu_model",
            "build_calibration", "length_sorted_batches", "DEFAULT_MODEL", "DEFAULT_MODES"]
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2 (embedded, offline)"
@@ -86,10 +86,10 @@ class EvalSettings:
 
 
 def parse_modes(text: str) -> list[str]:
-    """'M1,m3' -> ['M1', 'M3']; 'fp32' (the baseline, always run) is accepted and dropped; unknown names raise."""
-    from zqhero_fx.modes import MODES
+    """'M1,m3' -> ['M1', 'M3']; 'fp32' (the baseline, always run) is accepted and dropped; unknown names raise.
+    Any name zqhero_fx.modes.resolve_mode takes works ("W4A8-int4", "A8W4+weight_search=none")."""
+    from zqhero_fx.modes import MODES, resolve_mode
 
-    canon = {m.lower(): m for m in MODES}
     out: list[str] = []
     for raw in str(text).split(","):
         name = raw.strip()
@@ -97,11 +97,13 @@ def parse_modes(text: str) -> list[str]:
             continue
         if name.lower() == BASELINE:
             continue
-        if name.lower() not in canon:
+        try:
+            config = resolve_mode(name)
+        except ConfigError as error:
             raise ConfigError(f"unknown mode {name!r}: choose from {', '.join(m for m in MODES)} (comma-separated, "
-                              f"e.g. --modes M1,M3); {BASELINE} is the baseline and always runs")
-        if canon[name.lower()] not in out:
-            out.append(canon[name.lower()])
+                              f"e.g. --modes M1,M3); {BASELINE} is the baseline and always runs ({error})") from None
+        if config.name not in out:
+            out.append(config.name)
     if not out:
         raise ConfigError(f"no mode to evaluate in {text!r}: choose from {', '.join(MODES)}")
     return out
@@ -158,6 +160,43 @@ def _resolve_device(device: str) -> torch.device:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def gemm_weight_bits(gm) -> dict:
+    """Bits per weight of a converted model's quantized GEMMs, measured from the tensors the fused ops read: codes,
+    per-channel and per-group scales, zero points, LoRC factors (not biases). {"bits_per_weight", "weights",
+    "bytes"}; bits_per_weight is None when no GEMM is quantized."""
+    import torch.fx as fx
+
+    zq = torch.ops.zqhero
+    # op -> (positions of its weight tensors, position of the tensor whose numel x the K multiplier counts weights)
+    layout = {zq.quantized_linear.default: (2, 3), zq.quantized_gated_linear.default: (2, 3, 4, 5),
+              zq.packed_linear.default: (2, 5, 6, 8, 9)}
+    total_bytes = total_weights = 0
+    if isinstance(gm, fx.GraphModule):
+        for node in gm.graph.nodes:
+            if node.op != "call_function" or node.target not in layout:
+                continue
+            parts = []
+            for i in layout[node.target]:
+                arg = node.args[i]
+                parts += arg if isinstance(arg, (list, tuple)) else [arg]
+            tensors = [_attr(gm, a.target) for a in parts
+                       if isinstance(a, fx.Node) and a.op == "get_attr"]
+            total_bytes += sum(t.numel() * t.element_size() for t in tensors)
+            if node.target is zq.packed_linear.default:
+                codes = _attr(gm, node.args[2][0].target)
+                total_weights += codes.shape[0] * codes.shape[1] * 2
+            else:
+                total_weights += sum(_attr(gm, node.args[i].target).numel() for i in layout[node.target][::2])
+    return {"bits_per_weight": 8 * total_bytes / total_weights if total_weights else None,
+            "weights": total_weights, "bytes": total_bytes}
+
+
+def _attr(module, target: str):
+    for part in target.split("."):
+        module = getattr(module, part)
+    return module
 
 
 def model_size_mb(module: torch.nn.Module) -> float:
@@ -692,6 +731,7 @@ def evaluate(settings: EvalSettings, *, command: str | None = None) -> dict:
                      "eval_s": time.perf_counter() - t0})
         fns[mode] = q
         sizes[mode] = model_size_mb(q)
+        rows[-1]["gemm_bits"] = gemm_weight_bits(q)["bits_per_weight"]
         _log(f"{mode}: " + ", ".join(f"{k}={v['value']:.4f}" for k, v in metrics.items())
              + f", cos mean {allcos.mean():.5f} min {allcos.min():.5f}"
              + (f", agreement {extra['agreement']:.4f}" if extra["agreement"] is not None else ""))

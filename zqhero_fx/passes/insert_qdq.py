@@ -372,5 +372,8 @@ def _quantize_site(ins: _Inserter, config: QuantConfig, kind, node, fmt, scheme,
         return ("", False) if ins.attention(node, fmt) else ("no calibration range for its Q/K/V producers", False)
     if not config.embeddings:
         return f"mode {config.name} keeps embedding tables float (M3 quantizes them)", True
-    ins.embedding(node, config.weights if fmt.name == config.activation_format else fmt)
+    # Tables take the weight format when it is an 8-bit one; packed 4-/6-bit formats are GEMM-only (a gathered row
+    # would have to be unpacked per token), so their tables use the activation format.
+    table_format = config.weights if fmt.name == config.activation_format and config.weights.bits == 8 else fmt
+    ins.embedding(node, table_format)
     return "", False
