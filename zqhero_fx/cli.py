@@ -27,6 +27,11 @@ Modes (what turns INT8; every mode keeps the rest in floating point):
   M2  M1 + attention-output projection and FC2, static scales             needs calibration
   M3  M2 + INT8 attention (Q.K^T, softmax, P.V) and INT8 embedding tables  needs calibration
   fp  the compiler's float graph (a check of the passes, nothing quantized)
+  M1-fp8, M2-fp8, M3-fp8   the same sites in FP8 E4M3
+  W4A8   ZeroQuant-FP: FP8 activations x FP4 E2M1 group-wise weights (power-of-two ratios) + LoRC
+  A8W4   DGQ: INT8 activations x INT4 weights with integer group scales (grid search, percentile smoothing)
+  W6A16  ZeroQuant(4+2): FP6 E3M2 weight-only, 4+2 packed
+  any mode + field changes, e.g. W4A8+lorc_rank=0, A8W4+weight_search=none, W4A8-int4 (docs/formats.md)
 fp32 (the unconverted model) is the baseline every evaluation compares against.
 """
 
@@ -40,6 +45,7 @@ examples:
   zqhero eval --model ./my-model --task mrpc --data-dir ./glue_data/MRPC
   zqhero dump --mode M3 --out dumps/           # per-pass graphs (.py/.svg/.json) and sqnr_report.md
   zqhero fetch                                 # pre-fetch the offline assets (e.g. to warm a CI cache)
+  zqhero study --out docs/study/               # every format on MiniLM and SmolLM2, per-layer FP8-vs-INT8 SQNR
 
 Run `zqhero <command> --help` for the options of each command. docs/cli.md has the details.
 """
@@ -96,6 +102,16 @@ examples:
   zqhero dump --mode M1 --out /tmp/m1
   zqhero dump --model ./tiny-bert --task sst2 --data-dir ./sst2 --mode M2
   zqhero dump --override 'encoder.layer.0.*=fp16'
+"""
+
+
+_STUDY_DESC = """\
+The related papers' formats beside HERO's INT8 and FP8 modes, offline on the embedded models: all-MiniLM-L6-v2 (Lee
+similarity, polarity) and SmolLM2-135M-Instruct (Lee perplexity, KL divergence and top-1 agreement to fp32). Per mode:
+the metrics, bits per GEMM weight and model bytes measured on the converted model, and latency on this machine. Per
+linear layer: the SQNR of that layer quantized alone in INT8, FP8 E4M3/E5M2, W4A8, A8W4 and FP6, and its input's
+outlier measures (kurtosis, largest/median channel range), to test where FP8 beats INT8. Writes study.json,
+study.md, per_layer_sqnr.png and fp8_advantage_vs_kurtosis.png to --out.
 """
 
 
@@ -235,6 +251,23 @@ def build_parser() -> argparse.ArgumentParser:
                          "once to FP32 safetensors (~540 MB in the cache)")
     fe.set_defaults(func=cmd_fetch)
 
+    st = sub.add_parser("study", help="every format and mode side by side on MiniLM and SmolLM2, with per-layer "
+                                      "FP8-vs-INT8 error", description=_STUDY_DESC,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    st.add_argument("--models", default="minilm,smollm2", metavar="minilm,smollm2",
+                    help="models to study (default: both)")
+    st.add_argument("--decoder-modes", type=_modes_arg, default=None, metavar="M,...",
+                    help="SmolLM2 modes (default: every INT8/FP8 HERO mode and the W4A8/A8W4/W6A16 ablations)")
+    st.add_argument("--encoder-modes", type=_modes_arg, default=None, metavar="M,...", help="MiniLM modes")
+    st.add_argument("--max-tokens", type=_positive_int, default=2048, metavar="N",
+                    help="Lee tokens scored per SmolLM2 mode (default: 2048)")
+    st.add_argument("--per-layer-only", action="store_true",
+                    help="only the per-layer errors (minutes instead of the end-to-end hour)")
+    st.add_argument("--out", type=Path, default=Path("zqhero_study"), metavar="DIR",
+                    help="where study.json, study.md and the plots go (default: ./zqhero_study)")
+    st.add_argument("--no-progress", action="store_true", help="no progress bars")
+    st.set_defaults(func=cmd_study)
+
     bench_path = _bench_script()
     be = sub.add_parser("bench", help="end-to-end benchmark (benchmarks/bench_e2e.py)"
                         + ("" if bench_path else "; not available in this checkout"),
@@ -363,6 +396,28 @@ def _eval_decoder(args, parser) -> int:
     if report["failed"]:
         print(f"{PROG} eval: mode(s) {', '.join(report['failed'])} failed (see the table)", file=sys.stderr)
         return 1
+    return 0
+
+
+def cmd_study(args, parser) -> int:
+    from zqhero_fx.errors import ConfigError
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    from zqhero_fx.eval.study import DECODER_MODES, ENCODER_MODES, StudySettings, run_study, write_report
+
+    try:
+        settings = StudySettings(
+            models=tuple(m.strip().lower() for m in args.models.split(",") if m.strip()),
+            decoder_modes=tuple(args.decoder_modes or DECODER_MODES),
+            encoder_modes=tuple(args.encoder_modes or ENCODER_MODES), max_tokens=args.max_tokens,
+            end_to_end=not args.per_layer_only, progress=False if args.no_progress else None)
+    except ConfigError as error:
+        parser.error(str(error))
+    report = run_study(settings)
+    paths = write_report(report, args.out)
+    print("\n".join(f"wrote {p}" for p in paths.values()) + f"  (total {report['runtime_s']:.0f} s)")
     return 0
 
 

@@ -140,6 +140,10 @@ class QuantConfig:
         fmt = self.weights
         if fmt.bits == 8:
             return None
+        if not self.weight_only and fmt.name not in ("int4", "fp4_e2m1"):
+            raise ConfigError(f"{self.activation_format} activations with {fmt.name} weights: a quantized GEMM takes "
+                              "4-bit weights (INT4 with INT8 activations: A8W4; INT4/FP4 with FP8: W4A8); "
+                              f"{fmt.name} runs weight-only (activation_format='none', e.g. mode W6A16)")
         group_scales = self.group_scales
         if group_scales == "auto":
             group_scales = ("none" if self.weight_only else

@@ -251,7 +251,7 @@ class _Inserter:
     def cast_float(self, node: fx.Node, precision: str, tensor_args: list[int]) -> None:
         dtype = FLOAT_DTYPES[precision]
         for i in tensor_args:
-            arg = node.args[i]
+            arg = node.args[i] if i < len(node.args) else None  # linear(x, w) without a bias has two args
             if not isinstance(arg, fx.Node) or not is_float_tensor(arg):
                 continue
             weight = param_of(self.gm, arg)
