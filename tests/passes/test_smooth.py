@@ -55,3 +55,24 @@ def test_m1_on_a_decoder_needs_calibration_for_its_default_smoothing():
         zqhero_fx.convert(gm, "M1")
     q = zqhero_fx.convert(gm, MODES["M1"].replace(smoothing=None))  # no calibration needed without it
     assert "smoothed_norms" not in q.meta["zqhero"]
+
+
+def test_percentile_smoothing_squeezes_only_the_outlier_channels():
+    from zqhero_fx.passes.smooth import percentile_clip_factor
+
+    ranges = torch.ones(400)
+    ranges[7], ranges[100] = 30.0, 2.0  # the top 0.5% of 400 channels: two, squeezed to the 99.5th-percentile one
+    factor = percentile_clip_factor(ranges)
+    assert factor[7] == pytest.approx(30.0) and factor[100] == pytest.approx(2.0)
+    assert torch.all(factor[(torch.arange(400) != 7) & (torch.arange(400) != 100)] == 1.0)
+    assert torch.all(percentile_clip_factor(torch.linspace(1, 2, 64)) == 1.0)  # 64 channels: 0.5% is none
+
+
+def test_percentile_smoothing_keeps_the_float_function():
+    gm, calibration = _decoder_graph()
+    config = MODES["A8W4"]
+    before, smooth_pass, batches = pipeline_until(gm, config, calibration, "smooth")
+    after = apply(copy.deepcopy(before), smooth_pass, "smooth")
+    assert after.meta["zqhero"]["smoothed_norms"] == 4
+    flat = decoder.step_inputs(gm, torch.randint(0, 100, (2, 9)))
+    torch.testing.assert_close(run_flat(after, list(flat)), run_flat(before, list(flat)), rtol=1e-4, atol=1e-4)
