@@ -51,6 +51,12 @@ def check_operands(x, x_scale, w_codes, w_format, group_size, w_scale, w_group_s
         raise ValueError(f"packed_linear: lorc is [b, b_scale, a, a_scale], got {len(lorc)} tensors")
 
 
+def lorc_side_term(x2: torch.Tensor, x_scale: torch.Tensor | None, lorc) -> torch.Tensor:
+    """LoRC's side GEMM on x [M, K] (quantized with x_scale, or float): x·Bᵀ·Aᵀ [M, N] in real units, float32."""
+    x_real = x2.float() * x_scale.float().reshape(-1, 1) if x_scale is not None else x2.float()
+    return weights.lorc_side(x_real, lorc)
+
+
 # ---------------------------------------------------------------- reference (the spec)
 def packed_linear_ref(x, x_scale, w_codes, w_format, group_size, w_scale, w_group_scale, group_scale_kind,
                       w_group_zero, lorc, bias, residual, out_scale, activation, out_dtype):
@@ -66,10 +72,7 @@ def packed_linear_ref(x, x_scale, w_codes, w_format, group_size, w_scale, w_grou
         acc = int8_matmul_ref(x2, w.to(torch.int8)).float()
     else:
         acc = x2.float() @ w.t()
-    side = None
-    if lorc:
-        x_real = x2.float() * x_scale.float().reshape(-1, 1) if x_scale is not None else x2.float()
-        side = weights.lorc_side(x_real, lorc)
+    side = lorc_side_term(x2, x_scale, lorc) if lorc else None
     if x_scale is None:
         y_scale = torch.ones(1, device=x.device)
     else:
@@ -92,10 +95,7 @@ def _epilogue(acc, side, lead, x_scale, w_scale, bias, residual, out_scale, acti
 def epilogue(acc, x, x_scale, w_scale, lorc, bias, residual, out_scale, activation, out_dtype):
     """The epilogue for kernels that produce the raw accumulator acc [M, N] (float32 or int32)."""
     x2 = x.reshape(-1, x.shape[-1])
-    side = None
-    if lorc:
-        x_real = x2.float() * x_scale.float().reshape(-1, 1) if x_scale is not None else x2.float()
-        side = weights.lorc_side(x_real, lorc)
+    side = lorc_side_term(x2, x_scale, lorc) if lorc else None
     y_scale = x_scale if x_scale is not None else torch.ones(1, device=x.device)
     return _epilogue(acc.float(), side, x.shape[:-1], y_scale, w_scale, bias, residual, out_scale, activation,
                      out_dtype)

@@ -54,7 +54,6 @@ import torch
 import triton
 import triton.language as tl
 
-from zqhero_fx import weights
 from zqhero_fx.formats import get_format
 from zqhero_fx.kernels._triton_common import (
     ACTIVATION_CODES,
@@ -71,7 +70,7 @@ from zqhero_fx.kernels._triton_common import (
     row_scale_operand,
     triton_takes_format,
 )
-from zqhero_fx.kernels.packed_linear import check_operands
+from zqhero_fx.kernels.packed_linear import check_operands, lorc_side_term
 from zqhero_fx.kernels.quantized_linear import INTERPRETER_CONFIG, _gemm_config, _prune_gemm_configs, check_output
 
 OP = "packed_linear"
@@ -364,12 +363,6 @@ def takes(*args) -> bool:
     return refusal(*args) is None
 
 
-def _lorc_side(x2, x_scale, lorc) -> torch.Tensor:
-    """LoRC's side term [M, N] float32, the reference's expression: x in real units, then x · Bᵀ · Aᵀ."""
-    x_real = x2.float() * x_scale.float().reshape(-1, 1) if x_scale is not None else x2.float()
-    return weights.lorc_side(x_real, lorc).contiguous()
-
-
 # ---------------------------------------------------------------- launcher
 def run(x, x_scale, w_codes, w_format, group_size, w_scale, w_group_scale, group_scale_kind, w_group_zero, lorc,
         bias, residual, out_scale, activation, out_dtype):
@@ -398,7 +391,7 @@ def run(x, x_scale, w_codes, w_format, group_size, w_scale, w_group_scale, group
         xs, stride_xs = row_scale_operand(x_scale, m, f"{OP} x_scale")
     else:
         xs, stride_xs = ws, 0  # never read: HAS_X_SCALE is False
-    side = _lorc_side(x2, x_scale, lorc) if lorc else None
+    side = lorc_side_term(x2, x_scale, lorc).contiguous() if lorc else None
     if residual is not None:
         r2, stride_rm, stride_rn = as_rows(residual, out.shape)
     else:
