@@ -120,3 +120,11 @@ def test_backend_takes_the_new_formats_by_name(bert):
         reference = model(**batch).last_hidden_state
         compiled = torch.compile(model, backend="zqhero", options={"mode": "W6A16"})
         assert sqnr_db(reference, _hidden(compiled(**batch))) > 25
+
+
+def test_inductor_compiles_a_packed_model(bert):
+    gm, batch, calibration, _ = bert
+    q = zqhero_fx.convert(gm, "A8W4", calibration=calibration)
+    with torch.no_grad():
+        eager, compiled = _hidden(q(**batch)), _hidden(zqhero_fx.compile(q)(**batch))
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
