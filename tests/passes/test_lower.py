@@ -10,9 +10,10 @@ import torch
 from tests.models import bert_batch, sqnr_db
 from tests.passes._util import apply, count, pipeline_until, run_flat
 from zqhero_fx.capture import flatten_inputs
-from zqhero_fx.modes import QuantConfig
+from zqhero_fx.modes import MODES, QuantConfig
 from zqhero_fx.passes._graph import LAYER_NORM, LINEAR, aten, zq
 from zqhero_fx.passes._rules import apply_rules, trace_with_constants
+from zqhero_fx.passes.insert_qdq import WEIGHT_ONLY
 from zqhero_fx.passes.lower import rules
 from zqhero_fx.passes.propagate_meta import propagate_meta
 from zqhero_fx.passes.state import state
@@ -72,6 +73,8 @@ EXAMPLES = {
         {"scale": torch.ones(1) * 0.03},
         {"dim_a": 3, "start_a": 0, "end_a": 8, "dim_b": 3, "start_b": 8, "end_b": 2**63 - 1, "cat_dim": -1,
          "dtype": torch.int8}),
+    "_pattern_weight_only_linear": lambda v: (
+        {"x": torch.randn(2, 3, D)}, {"weight": torch.randn(N, D), "bias": torch.randn(N)}, {}),
     "_pattern_quantized_embedding": lambda v: (
         {"indices": torch.randint(0, 10, (2, 3))},
         {"table_q": _int8(10, 8), "scale": torch.rand(10, 1)},
@@ -110,9 +113,13 @@ RULE_VARIANTS = [(rule, variant) for rule in rules(QuantConfig()) for variant in
                               for r, v in RULE_VARIANTS])
 def test_each_rule_fires_once_on_its_own_pattern(rule, variant):
     gm, flat = _concrete_graph(rule, variant)
+    weight_only = rule.pattern.__name__ == "_pattern_weight_only_linear"
+    if weight_only:  # the rule packs the weight in the config's format: a weight-only mode's rule table
+        rule = next(r for r in rules(MODES["W6A16"]) if r.pattern is rule.pattern)
     for node in gm.graph.nodes:  # what insert_qdq would have recorded at these sites
         if node.op == "call_function":
-            state(node).precision = "int8"
+            state(node).precision = "fp6_e3m2" if weight_only else "int8"
+            state(node).scheme = WEIGHT_ONLY if weight_only else state(node).scheme
     expected = gm(*flat)
     counts = apply_rules(gm, [dataclasses.replace(rule, variants=(variant,))], lambda g: g.graph.eliminate_dead_code())
     assert counts == {rule.name: 1}, (rule.name, variant)
@@ -125,6 +132,8 @@ def test_each_rule_fires_once_on_its_own_pattern(rule, variant):
         assert (first[0].int() - reference[0].int()).abs().max() <= 1 and torch.allclose(first[1], reference[1])
     elif reference.dtype == torch.int8:  # the fused op also quantizes the weight: a few LSBs apart on average at most
         assert (first.int() - reference.int()).abs().float().mean() < 1.0
+    elif weight_only:  # FP6 weights of a random matrix: E3M2's two mantissa bits
+        assert sqnr_db(reference, first) >= 20
     else:  # float output of a fused op that quantizes inside (attention's probabilities): close, not equal
         assert sqnr_db(reference, first) >= 30
 
