@@ -17,6 +17,8 @@ unpacked in cache).
 
 from __future__ import annotations
 
+import threading
+
 import torch
 
 from zqhero_fx import dispatch, weights
@@ -112,12 +114,19 @@ def _cpu_kernel(*args):
     return None
 
 
+# dispatch asks `_cpu_takes` and then calls `_cpu_run` with the same operands: remember the choice in between, so
+# the operand checks run once per call (they cost as much as the GEMM itself at decode shapes).
+_choice = threading.local()
+
+
 def _cpu_takes(*args) -> bool:
-    return _cpu_kernel(*args) is not None
+    _choice.kernel, _choice.codes = _cpu_kernel(*args), args[2]
+    return _choice.kernel is not None
 
 
 def _cpu_run(*args):
-    return _cpu_kernel(*args).run(*args)
+    kernel = _choice.kernel if getattr(_choice, "codes", None) is args[2] else _cpu_kernel(*args)
+    return kernel.run(*args)
 
 
 def _triton_takes(*args) -> bool:
