@@ -194,3 +194,17 @@ def test_mixed_sliding_and_full_layers_beyond_the_window_are_refused():
     model.config.layer_types = ["sliding_attention", "full_attention"]
     with pytest.raises(CaptureError, match="sliding-window"):
         zqhero_fx.trace(model, {"input_ids": _ids(1, 4, 0)}, max_cache_len=16)
+
+
+def test_fp8_kv_cache_generates_like_a_float_cache():
+    """M3-fp8 stores the cache in float8 (written through a byte view: CPU index_copy_ has no float8 kernel)."""
+    model = causal_lm("llama")
+    ids = torch.randint(0, 100, (1, 12), generator=torch.Generator().manual_seed(0))
+    gm = zqhero_fx.trace(model, {"input_ids": ids})
+    calibration = [{"input_ids": torch.randint(0, 100, (1, 16), generator=torch.Generator().manual_seed(s))}
+                   for s in range(3)]
+    q = zqhero_fx.convert(gm, "M3-fp8", calibration=calibration)
+    assert decoder.cache_dtypes(q)[0] == (torch.float8_e4m3fn, torch.float8_e4m3fn)
+    float_cache = zqhero_fx.convert(gm, "M3-fp8+quantize_kv_cache=false", calibration=calibration)
+    assert torch.equal(zqhero_fx.generate(q, ids, max_new_tokens=5).sequences,
+                       zqhero_fx.generate(float_cache, ids, max_new_tokens=5).sequences)

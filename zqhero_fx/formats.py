@@ -305,10 +305,13 @@ FP8_E5M2 = Format("fp8_e5m2", "float", 8, torch.float8_e5m2, 57344.0, 5, 2, 15)
 INT4 = Format("int4", "int", 4, torch.uint8, 7.0, granularity=Granularity.PER_GROUP, group_size=64)  # symmetric [-7, 7]
 FP4_E2M1 = Format("fp4_e2m1", "float", 4, torch.uint8, 6.0, 2, 1, 1, granularity=Granularity.PER_GROUP, group_size=32)
 FP6_E3M2 = Format("fp6_e3m2", "float", 6, torch.uint8, 28.0, 3, 2, 3)  # per output channel
+# FP6's other layout, one more mantissa bit and a narrower range; ZeroQuant(4+2) chose E3M2. CPU and Triton kernels
+# decode E3M2 only: E2M3 weights run packed_linear's reference (a comparison format, docs/formats.md).
+FP6_E2M3 = Format("fp6_e2m3", "float", 6, torch.uint8, 7.5, 2, 3, 1)
 
-FORMATS: dict[str, Format] = {f.name: f for f in (INT8, FP8_E4M3, FP8_E5M2, INT4, FP4_E2M1, FP6_E3M2)}
+FORMATS: dict[str, Format] = {f.name: f for f in (INT8, FP8_E4M3, FP8_E5M2, INT4, FP4_E2M1, FP6_E3M2, FP6_E2M3)}
 _ALIASES = {"fp8": "fp8_e4m3", "e4m3": "fp8_e4m3", "e5m2": "fp8_e5m2", "fp4": "fp4_e2m1", "e2m1": "fp4_e2m1",
-            "fp6": "fp6_e3m2", "e3m2": "fp6_e3m2"}
+            "fp6": "fp6_e3m2", "e3m2": "fp6_e3m2", "e2m3": "fp6_e2m3"}
 _FORMAT_OF_DTYPE = {torch.int8: INT8, torch.float8_e4m3fn: FP8_E4M3, torch.float8_e5m2: FP8_E5M2}
 
 

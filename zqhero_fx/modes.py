@@ -42,6 +42,8 @@ class QuantConfig:
     weight_zero_point: bool | None = None  # None: asymmetric (DGQ's uint4) exactly when the group scales are integer
     weight_search: str = "none"  # "grid": DGQ's two-phase search of its two scale levels (integer group scales)
     lorc_rank: int = 0  # LoRC: rank of the low-rank error compensation (0: off); ZeroQuant-FP uses 8
+    # "nearest" (the papers' round-to-nearest) or "gptq" (error-compensating rounding on calibration inputs)
+    weight_rounding: str = "nearest"
     # Sites the mode quantizes (the table above).
     norm_fed_gemms: bool = False
     fwq_gemms: bool = False
@@ -102,8 +104,9 @@ class QuantConfig:
         if self.weight_search not in ("none", "grid"):
             raise ConfigError(f"weight_search={self.weight_search!r}: use 'none' or 'grid'")
         if weight.bits == 8 and (self.weight_search != "none" or self.lorc_rank or self.weight_group_size
-                                 or self.weight_zero_point):
-            raise ConfigError(f"weight_search / lorc_rank / weight_group_size / weight_zero_point apply to packed 4- "
+                                 or self.weight_zero_point or self.weight_rounding != "nearest"):
+            raise ConfigError(f"weight_search / lorc_rank / weight_group_size / weight_zero_point / weight_rounding "
+                              f"apply to packed 4- "
                               f"and 6-bit weights, not {weight.name}")
         if self.calibration_method not in ("absmax", "percentile"):
             raise ConfigError(f"calibration_method={self.calibration_method!r}: use 'absmax' or 'percentile'")
@@ -151,7 +154,8 @@ class QuantConfig:
         group_size = self.weight_group_size if self.weight_group_size is not None else (
             0 if group_scales == "none" else fmt.group_size or 0)
         zero_point = self.weight_zero_point if self.weight_zero_point is not None else group_scales == "integer"
-        scheme = WeightScheme(fmt.name, group_size, group_scales, zero_point, self.weight_search, self.lorc_rank)
+        scheme = WeightScheme(fmt.name, group_size, group_scales, zero_point, self.weight_search, self.lorc_rank,
+                              self.weight_rounding)
         if not self.weight_only:
             kind_needed = "integer" if self.activations.kind == "int" else "exponent"
             if scheme.group_scale_kind not in (kind_needed,):
@@ -172,7 +176,7 @@ class QuantConfig:
         activation ranges and DGQ's grid search the GEMM inputs."""
         return self.fwq_gemms and not self.weight_only or self.attention or (
             (isinstance(self.smoothing, (int, float)) or self.smoothing == "percentile") and self.norm_fed_gemms) \
-            or self.weight_search == "grid"
+            or self.weight_search == "grid" or self.weight_rounding == "gptq"
 
     def smoothing_for(self, decoder: bool) -> float | str | None:
         """The migration strength (or "percentile") this config applies to a graph (a decoder step graph or not)."""

@@ -22,7 +22,7 @@ from zqhero_fx.passes import (calibrate, canonicalize, classify, clean_up, fold_
 def build_pipeline(config: QuantConfig, calibration: list, overrides: dict[str, str], decoder: bool = False):
     """(name, pass) pairs in order. Settings are bound here, never read from globals."""
     calibration_pass = functools.partial(calibrate, batches=calibration, method=config.calibration_method,
-                                         percentile=config.percentile)
+                                         percentile=config.percentile, grams=config.weight_rounding == "gptq")
     alpha = config.smoothing_for(decoder)
     smoothing = () if alpha is None else (
         ("smooth", functools.partial(smooth, alpha=alpha)),

@@ -19,6 +19,8 @@ turned into zqhero::packed_linear's weight operands.
   searches 20 then 80 ratios; we search 20 and 20 over the same ranges (phase 2 dominates the cost and 80 did not pay
   for itself in our measurements: docs/formats.md). The output error is ||(W - W_q) X^T||^2 over up to SAMPLE_ROWS
   calibration rows; without calibration rows it falls back to the weight error (X = I).
+* GPTQ (`rounding="gptq"`, optional): the scales as above, then the codes chosen column by column so that each
+  rounding error is compensated by the columns still to come, on the GEMM's calibration inputs.
 * LoRC (ZeroQuant-V2 / -FP): W ~= Q(W) + A B, A [N, r] B [r, K] from the truncated SVD of the error W - Q(W)
   (A = U_r sqrt(S_r), B = sqrt(S_r) V_r^T), both stored INT8 with one scale per row; applied as a thin side GEMM.
 """
@@ -36,6 +38,9 @@ from zqhero_fx.formats import INT8, MIN_SCALE, Format, get_format
 
 GROUP_SCALES = ("none", "integer", "power_of_two", "power_of_two_ratio")
 SEARCHES = ("none", "grid")
+ROUNDINGS = ("nearest", "gptq")
+GPTQ_DAMPING = 0.01  # of the mean diagonal of H, added to it (GPTQ's default)
+GPTQ_BLOCK = 128  # columns updated together (GPTQ's lazy batch)
 KERNEL_GROUP_MULTIPLE = 16  # the packed kernels read whole 16-column groups (a vector lane's lookup table)
 # Lowest exponent of a power-of-two group factor per 4-bit format: its smallest nonzero code (FP4 0.5, INT4 1) times
 # 2**E_MIN is E4M3's smallest subnormal 2**-9, so code * 2**e converts to FP8 exactly.
@@ -55,6 +60,7 @@ class WeightScheme:
     zero_point: bool = False  # asymmetric uint4 codes (integer group scales only)
     search: str = "none"
     lorc_rank: int = 0
+    rounding: str = "nearest"  # or "gptq": error-compensating rounding on calibration inputs (GPTQ, Frantar et al.)
 
     def __post_init__(self):
         fmt = get_format(self.format)
@@ -85,6 +91,11 @@ class WeightScheme:
                               "scales")
         if self.lorc_rank < 0:
             raise ConfigError(f"lorc_rank={self.lorc_rank} must be >= 0 (0 turns LoRC off)")
+        if self.rounding not in ROUNDINGS:
+            raise ConfigError(f"weight_rounding={self.rounding!r}: use one of {', '.join(ROUNDINGS)}")
+        if self.rounding == "gptq" and self.group_scales == "integer":
+            raise ConfigError("weight_rounding='gptq' takes per-channel or power-of-two group scales; DGQ's integer "
+                              "scales have their own grid search (weight_search='grid')")
 
     @property
     def group_scale_kind(self) -> str:
@@ -124,8 +135,9 @@ class PackedWeight:
 
 
 def quantize_weight(w: torch.Tensor, scheme: WeightScheme, sample: torch.Tensor | None = None,
-                    name: str = "weight") -> PackedWeight:
-    """Quantize a float weight [N, K]; `sample` ([..., K] calibration inputs of this GEMM) feeds the grid search."""
+                    name: str = "weight", gram: torch.Tensor | None = None) -> PackedWeight:
+    """Quantize a float weight [N, K]; `sample` ([..., K] calibration inputs of this GEMM) feeds the grid search,
+    `gram` (XᵀX [K, K] over all calibration inputs; else computed from `sample`) GPTQ."""
     if w.dim() != 2:
         raise ConfigError(f"{name}: packed weights are 2-D [N, K], got shape {tuple(w.shape)}")
     n, k = w.shape
@@ -138,14 +150,17 @@ def quantize_weight(w: torch.Tensor, scheme: WeightScheme, sample: torch.Tensor 
     if k % multiple:
         raise ConfigError(f"{name}: K={k} is not a multiple of {multiple}, which {fmt.name}'s packing needs")
     w = w.detach().float()
+    h = _gram(gram, sample, k, name) if scheme.rounding == "gptq" else None
     if scheme.group_scales == "none":
-        codes, scale = fmt.quantize_per_channel(w)
+        scale = fmt.scale_for(w.abs().amax(1))
+        target = gptq(w, fmt, scale[:, None].expand_as(w), h) if h is not None else w
+        codes = fmt.quantize(target, scale[:, None])
         packed = PackedWeight(weights.pack_fp6(codes) if fmt.bits == 6 else [codes], fmt.name, 0, scale, None,
                               "none", None, [])
     elif scheme.group_scales == "integer":
         packed = _integer_group_scales(w, scheme, sample)
     else:
-        packed = _power_of_two_group_scales(w, fmt, scheme.group_size, ratio=scheme.group_scales.endswith("ratio"))
+        packed = _power_of_two_group_scales(w, fmt, scheme.group_size, scheme.group_scales.endswith("ratio"), h)
     if scheme.lorc_rank:
         packed.lorc = low_rank_compensation(w, packed.dequantize(), scheme.lorc_rank, name)
     return packed
@@ -162,7 +177,7 @@ def ceil_log2(v: torch.Tensor) -> torch.Tensor:
     return torch.where(mantissa == 0.5, exponent - 1, exponent)
 
 
-def _power_of_two_group_scales(w, fmt: Format, group_size: int, ratio: bool) -> PackedWeight:
+def _power_of_two_group_scales(w, fmt: Format, group_size: int, ratio: bool, h=None) -> PackedWeight:
     n, k = w.shape
     group_absmax = w.abs().reshape(n, k // group_size, group_size).amax(-1)
     raw = (group_absmax / fmt.max_value).clamp_min(MIN_SCALE)
@@ -176,9 +191,52 @@ def _power_of_two_group_scales(w, fmt: Format, group_size: int, ratio: bool) -> 
         exponent = absolute - top[:, None]
     exponent = exponent.clamp(min=E_MIN[fmt.name], max=0)
     group_scale = torch.ldexp(row_scale[:, None].expand_as(raw), exponent)
-    codes = fmt.quantize(w, group_scale.repeat_interleave(group_size, dim=1))
+    scale = group_scale.repeat_interleave(group_size, dim=1)
+    codes = fmt.quantize(gptq(w, fmt, scale, h) if h is not None else w, scale)
     return PackedWeight([codes], fmt.name, group_size, row_scale.contiguous(), exponent.to(torch.int8).contiguous(),
                         "exponent", None, [])
+
+
+# ---------------------------------------------------------------- GPTQ: error-compensating rounding
+def _gram(gram, sample, k: int, name: str) -> torch.Tensor:
+    if gram is None and sample is not None and sample.shape[-1] == k:
+        rows = sample.detach().float().reshape(-1, k)
+        gram = rows.t() @ rows
+    if gram is None or tuple(gram.shape) != (k, k):
+        raise ConfigError(f"{name}: weight_rounding='gptq' needs this GEMM's calibration inputs as it sees them: pass "
+                          "calibration batches to convert (a static FWQ site, whose weight absorbed per-feature "
+                          "scales, has none: use fwq_activations='per_token' there)")
+    return gram.float()
+
+
+def gptq(w: torch.Tensor, fmt: Format, scale: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
+    """GPTQ (Frantar et al. 2023): round the columns of w [N, K] one at a time onto fmt's grid with the fixed
+    per-element scales `scale` [N, K], spreading each column's rounding error over the columns not yet rounded so
+    that the output error on the calibration inputs stays small (H = XᵀX [K, K] of those inputs, damped; Cholesky of
+    H⁻¹). Needs more calibration tokens than K for a full-rank H. Returns the rounded weight (on the grid: quantizing
+    it again with `scale` is exact)."""
+    n, k = w.shape
+    h = gram.clone()
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1.0
+    w = w.clone()
+    w[:, dead] = 0.0
+    h += GPTQ_DAMPING * torch.diagonal(h).mean() * torch.eye(k)
+    h_inv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    rounded = torch.zeros_like(w)
+    for start in range(0, k, GPTQ_BLOCK):
+        end = min(start + GPTQ_BLOCK, k)
+        block, errors = w[:, start:end].clone(), torch.zeros(n, end - start)
+        h_block = h_inv[start:end, start:end]
+        for i in range(end - start):
+            column, s = block[:, i], scale[:, start + i]
+            q = fmt.round_to_grid(column / s) * s
+            rounded[:, start + i] = q
+            error = (column - q) / h_block[i, i]
+            block[:, i:] -= error[:, None] * h_block[i, i:][None, :]
+            errors[:, i] = error
+        w[:, end:] -= errors @ h_inv[start:end, end:]
+    return rounded
 
 
 # ---------------------------------------------------------------- DGQ: integer group scales, two-phase search

@@ -1,7 +1,7 @@
 """calibrate: run the float graph on the calibration inputs (an fx Interpreter with observers) and record, for every
 tensor that feeds or leaves a GEMM or attention node, its per-feature range (absmax, or a percentile of |x| averaged over
 batches) in state(node).range (float32 [last dim]). Keeps a few rows of the first batch in gm.meta for the fold
-checks and the error report. NaN/Inf activations raise CalibrationError naming the node and the batch.
+checks and the error report, and with `grams` every GEMM input's XᵀX over all batches (GPTQ rounding). NaN/Inf activations raise CalibrationError naming the node and the batch.
 """
 
 from __future__ import annotations
@@ -43,12 +43,14 @@ def _feature_range(x: torch.Tensor, method: str, percentile: float) -> torch.Ten
 
 
 class _Observer(fx.Interpreter):
-    def __init__(self, gm, watch, method, percentile):
+    def __init__(self, gm, watch, method, percentile, gram_watch=()):
         super().__init__(gm)
         self.watch, self.method, self.percentile = watch, method, percentile
+        self.gram_watch = set(gram_watch)
         self.ranges: dict[str, torch.Tensor] = {}
         self.batches: dict[str, int] = {}
         self.samples: dict[str, torch.Tensor] = {}
+        self.grams: dict[str, torch.Tensor] = {}
 
         self.batch_index = 0
 
@@ -69,13 +71,17 @@ class _Observer(fx.Interpreter):
             else:  # running mean of per-batch percentiles
                 self.ranges[n.name] = self.ranges.get(n.name, 0) + r
                 self.batches[n.name] = self.batches.get(n.name, 0) + 1
+            if n.name in self.gram_watch:
+                rows = out.detach().float().reshape(-1, out.shape[-1])
+                self.grams[n.name] = self.grams.get(n.name, 0) + rows.t() @ rows
             if self.batch_index == 0:
                 self.samples[n.name] = out.detach()[:1].clone() if out.dim() >= 3 else out.detach()[:SAMPLE_ROWS].clone()
         return out
 
 
-def run_observed(gm: fx.GraphModule, batches, watch, method="absmax", percentile=99.99, desc="calibrating"):
-    observer = _Observer(gm, set(watch), method, percentile)
+def run_observed(gm: fx.GraphModule, batches, watch, method="absmax", percentile=99.99, desc="calibrating",
+                 gram_watch=()):
+    observer = _Observer(gm, set(watch), method, percentile, gram_watch)
     count = 0
     with torch.no_grad():
         for i, flat in enumerate(tqdm(batches, desc=desc, unit="batch", leave=False, disable=None)):
@@ -87,13 +93,19 @@ def run_observed(gm: fx.GraphModule, batches, watch, method="absmax", percentile
     return observer, count
 
 
-def calibrate(gm: fx.GraphModule, batches: list, method: str = "absmax", percentile: float = 99.99) -> fx.GraphModule:
+def calibrate(gm: fx.GraphModule, batches: list, method: str = "absmax", percentile: float = 99.99,
+              grams: bool = False) -> fx.GraphModule:
     state = gm.meta.setdefault("zqhero", {})
     if not batches:
         state["samples"] = {}
         return gm
     watch = observed_nodes(gm)
-    observer, count = run_observed(gm, batches, [n.name for n in watch], method, percentile)
+    # GPTQ's H = XᵀX of every GEMM input, summed over all calibration tokens (a sample of rows is too few: H must
+    # have full rank K)
+    gram_watch = [n.args[0].name for n in gm.graph.nodes if is_op(n, LINEAR) and isinstance(n.args[0], fx.Node)] \
+        if grams else []
+    observer, count = run_observed(gm, batches, [n.name for n in watch], method, percentile, gram_watch=gram_watch)
+    state["grams"] = observer.grams
     for node in watch:
         if node.name in observer.ranges:
             node_state(node).range = observer.ranges[node.name]

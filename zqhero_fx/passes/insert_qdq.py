@@ -350,6 +350,7 @@ def _quantize_site(ins: _Inserter, config: QuantConfig, kind, node, fmt, scheme,
         if config.weight_only:
             # Only the weight is quantized (lower packs it): any GEMM with a weight qualifies, whatever feeds it.
             ins.mark(node, config.weights, WEIGHT_ONLY)
+            state(node).input_sample = node.args[0].name  # GPTQ rounds on it
             return "", False
         if scheme is Scheme.TWQ:
             if not config.norm_fed_gemms:

@@ -212,14 +212,15 @@ def build_quantized_linear(gm: fx.GraphModule, m: Match, config: QuantConfig) ->
 
 def _packed_weight(gm: fx.GraphModule, linear: fx.Node, weight: torch.Tensor, config: QuantConfig) -> tuple:
     """Quantize a GEMM weight into config's packed scheme; its tensors become constants. DGQ's grid search measures
-    output error on the GEMM's calibration input, where that input is what the GEMM sees (per-token sites; a static
+    output error (and GPTQ rounds) on the GEMM's calibration input, where that input is what the GEMM sees (per-token sites; a static
     FWQ site's weight was rescaled by fold_scales, so it falls back to the weight error)."""
     record = state(linear)
-    sample = None
+    sample = gram = None
     if record.scheme is not Scheme.FWQ and record.input_sample is not None:
         sample = gm.meta.get("zqhero", {}).get("samples", {}).get(record.input_sample)
+        gram = gm.meta.get("zqhero", {}).get("grams", {}).get(record.input_sample)
     packed = quantize_weight(weight.float(), config.weight_scheme, sample,
-                             name=f"GEMM {record.module_path or linear.name}")
+                             name=f"GEMM {record.module_path or linear.name}", gram=gram)
 
     def const(hint, t):
         return None if t is None else add_constant(gm, f"{linear.name}_{hint}", t, before=linear)

@@ -66,10 +66,21 @@ def quantize_kv_cache(gm: fx.GraphModule, config: QuantConfig) -> fx.GraphModule
         with gm.graph.inserting_before(write):
             new_codes = gm.graph.call_function(zq.quantize.default, (write.args[3], scale, dtype))
         new_codes.meta = {k: v for k, v in quantize.meta.items() if k != "val"}
-        write.args = (*write.args[:3], new_codes)
+        cache_read = write
+        if dtype.is_floating_point:
+            # torch's CPU index_copy_ has no float8 kernel: write the codes' bytes into a byte view of the cache
+            # (the same storage) and read the cache back as float8.
+            with gm.graph.inserting_before(write):
+                cache_bytes = gm.graph.call_function(aten.view.dtype, (placeholder, torch.uint8))
+                code_bytes = gm.graph.call_function(aten.view.dtype, (new_codes, torch.uint8))
+            write.args = (cache_bytes, write.args[1], write.args[2], code_bytes)
+            with gm.graph.inserting_after(write):
+                cache_read = gm.graph.call_function(aten.view.dtype, (write, dtype))
+        else:
+            write.args = (*write.args[:3], new_codes)
         for reader in list(write.users):
-            if reader is not new_codes:
-                reader.replace_all_uses_with(write)
+            if reader is not new_codes and reader is not cache_read:
+                reader.replace_all_uses_with(cache_read)
                 gm.graph.erase_node(reader)
         old = placeholder.meta["val"]
         with old.fake_mode:
