@@ -53,11 +53,30 @@ def sample_calls():
                                     torch.rand(12), torch.int8)),
         ("rotary_quantize", (x_heads, cos, sin, torch.tensor([0.02]), torch.int8)),
         ("rotary_quantize", (x_heads, cos[:1, :, :8], sin[:1, :, :8], torch.tensor([0.02]), torch.int8)),
+        *packed_calls(g),
+    ]
+
+
+def packed_calls(g):
+    """packed_linear's operand shapes: A8W4 (INT8 x uint4, integer group scales) and FP6 weight-only; W4A8 (FP8
+    activations) with the FP8 calls."""
+    from zqhero_fx.weight_quant import WeightScheme, quantize_weight
+
+    w = torch.randn(12, 32, generator=g) * 0.1
+    x = torch.randn(2, 5, 32, generator=g)
+    a8w4 = quantize_weight(w, WeightScheme("int4", 16, "integer", zero_point=True)).operands()
+    fp6 = quantize_weight(w, WeightScheme("fp6")).operands()
+    return [
+        ("packed_linear", (random_int8((2, 5, 32), g), torch.rand(2, 5, 1) * 0.01, *a8w4, torch.rand(12), None, None,
+                           "gelu", torch.float32)),
+        ("packed_linear", (x, None, *fp6, None, None, torch.rand(12) * 0.05, "silu", torch.int8)),
     ]
 
 
 def fp8_calls():
-    """The same ops on FP8 E4M3 operands: the dtypes say the format."""
+    """The same ops on FP8 E4M3 operands: the dtypes say the format (packed_linear: W4A8)."""
+    from zqhero_fx.weight_quant import WeightScheme, quantize_weight
+
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, 5, 16, generator=g)
     q8 = x.to(FP8)
@@ -78,6 +97,9 @@ def fp8_calls():
         ("quantized_gated_linear", (q8, torch.rand(2, 5, 1), w, torch.rand(12), w_up, torch.rand(12), "silu",
                                     torch.rand(12), FP8)),
         ("rotary_quantize", (x.reshape(2, 5, 2, 8).transpose(1, 2), cos, sin, torch.tensor([0.01]), FP8)),
+        ("packed_linear", (torch.randn(2, 5, 32, generator=g).to(FP8), torch.rand(1) * 0.01, *quantize_weight(
+            torch.randn(12, 32, generator=g) * 0.1, WeightScheme("fp4", 16, "power_of_two_ratio", lorc_rank=2)
+        ).operands(), None, torch.randn(2, 5, 12), None, "none", torch.float32)),
     ]
 
 
@@ -89,7 +111,7 @@ FP8_CALLS = fp8_calls()
 def test_every_op_has_a_reference_and_a_registration():
     assert set(OPS) == set(ops.OPS) == {
         "quantize_per_token", "quantize", "dequantize", "norm_quant", "quantized_linear", "quantized_attention",
-        "quantized_embedding", "embedding_norm_quant", "quantized_gated_linear", "rotary_quantize",
+        "quantized_embedding", "embedding_norm_quant", "quantized_gated_linear", "rotary_quantize", "packed_linear",
     }
     for name in OPS:
         assert hasattr(torch.ops.zqhero, name)
