@@ -28,11 +28,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import logging
 import os
-import shutil
-import threading
-import warnings
 from pathlib import Path
 
 import torch
@@ -45,8 +41,6 @@ CPP_PATH = Path(__file__).resolve().parent / "csrc" / "a8w4_cpu.cpp"  # shipped 
 CPP_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vnni", "-fopenmp"]  # -fopenmp: ATen's parallel_for
 LD_FLAGS = ["-fopenmp"]
 GROUP_MULTIPLE = 16  # features per vector lane, which share one group's scale and zero point
-_build_lock = threading.Lock()
-log = logging.getLogger(__name__)
 
 
 def extension_name() -> str:
@@ -61,23 +55,10 @@ def extension():
     """The compiled module, or None (with one warning saying why) where it cannot be used here."""
     if os.environ.get("ZQHERO_CPU_VNNI", "1").strip() == "0" or not vnni_cpu.cpu_has_vnni():
         return None
-    with _build_lock:
-        try:
-            cpp_extension = vnni_cpu._import_cpp_extension()
-            if shutil.which("ninja") is None:  # the `ninja` wheel's binary, when its scripts dir is not on PATH
-                import ninja
-
-                os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
-            log.info("zqhero: building (or loading the cached) A8W4 AVX-512 VNNI CPU kernel")
-            return cpp_extension.load(name=extension_name(), sources=[str(CPP_PATH)], extra_cflags=list(CPP_FLAGS),
-                                      extra_ldflags=list(LD_FLAGS), verbose=False)
-        except Exception as error:  # no compiler / ninja / setuptools: stay correct, just slower
-            warnings.warn(f"zqhero: the A8W4 AVX-512 VNNI CPU kernel did not build ({type(error).__name__}: "
-                          f"{vnni_cpu._shorten(str(error))}); A8W4 packed_linear runs its PyTorch reference on the "
-                          f"CPU instead (slower, and it expands the whole weight). To fix: "
-                          f"{vnni_cpu._build_hint(error)}. Set ZQHERO_CPU_VNNI=0 to skip these kernels and silence "
-                          "this warning.", RuntimeWarning, stacklevel=2)
-            return None
+    return vnni_cpu.build_extension(
+        extension_name(), CPP_PATH, CPP_FLAGS, LD_FLAGS, "A8W4 AVX-512 VNNI CPU kernel",
+        "A8W4 packed_linear runs its PyTorch reference on the CPU instead (slower, and it expands the whole weight)",
+        "ZQHERO_CPU_VNNI")
 
 
 def available() -> bool:

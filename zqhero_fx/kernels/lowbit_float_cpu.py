@@ -29,11 +29,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import logging
 import os
-import shutil
-import threading
-import warnings
 from pathlib import Path
 
 import torch
@@ -53,8 +49,6 @@ FP8_X = (torch.float8_e4m3fn, torch.float8_e5m2)  # W4A8 activations
 FEATURE_STEP = 64  # K must be a multiple (the decoders take whole 64- or 128-feature chunks; FP6 pads the last)
 # Rows from which decoding each weight once into a cached panel beats decoding it per 8-row block in registers.
 PANEL_ROWS_MIN = 12
-_build_lock = threading.Lock()
-log = logging.getLogger(__name__)
 
 
 def extension_name() -> str:
@@ -90,23 +84,10 @@ def extension():
     """The compiled module, or None (with one warning saying why) where it cannot be used here."""
     if os.environ.get("ZQHERO_CPU_LOWBIT", "1").strip() == "0" or not cpu_supports_kernel():
         return None
-    with _build_lock:
-        try:
-            cpp_extension = vnni_cpu._import_cpp_extension()
-            if shutil.which("ninja") is None:  # the `ninja` wheel's binary, when its scripts dir is not on PATH
-                import ninja
-
-                os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
-            log.info("zqhero: building (or loading the cached) FP6 / FP4 CPU GEMM kernel")
-            return cpp_extension.load(name=extension_name(), sources=[str(CPP_PATH)], extra_cflags=list(CPP_FLAGS),
-                                      extra_ldflags=list(LD_FLAGS), verbose=False)
-        except Exception as error:  # no compiler / ninja / setuptools: stay correct, just slower
-            warnings.warn(f"zqhero: the FP6 / FP4 CPU GEMM kernel did not build ({type(error).__name__}: "
-                          f"{vnni_cpu._shorten(str(error))}); packed_linear runs its PyTorch reference on the CPU "
-                          f"instead (slower, and it expands the whole weight). To fix: {_build_hint(error)}. Set "
-                          f"ZQHERO_CPU_LOWBIT=0 to skip this kernel and silence this warning.", RuntimeWarning,
-                          stacklevel=2)
-            return None
+    return vnni_cpu.build_extension(
+        extension_name(), CPP_PATH, CPP_FLAGS, LD_FLAGS, "FP6 / FP4 CPU GEMM kernel",
+        "packed_linear runs its PyTorch reference on the CPU instead (slower, and it expands the whole weight)",
+        "ZQHERO_CPU_LOWBIT", hint=_build_hint)
 
 
 def available() -> bool:

@@ -176,30 +176,36 @@ def _shorten(text: str, head: int = 200, tail: int = 500) -> str:
     return text if len(text) <= head + tail + 5 else f"{text[:head]} ... {text[-tail:]}"
 
 
+def build_extension(name: str, source: Path, cflags, ldflags, what: str, fallback: str, switch: str,
+                    hint=None):
+    """Build (or load the cached) C++ extension `name` from `source` with torch.utils.cpp_extension; None, with one
+    warning naming the cause, the fix (`hint(error)`, default _build_hint) and the switch, when it cannot be built.
+    Every CPU kernel of the package builds through here, under one lock."""
+    with _build_lock:
+        try:
+            cpp_extension = _import_cpp_extension()
+            if shutil.which("ninja") is None:  # the `ninja` wheel's binary, when its scripts dir is not on PATH
+                import ninja
+
+                os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+            log.info(f"zqhero: building (or loading the cached) {what}")
+            # copies: cpp_extension.load appends torch's libraries to the lists it is given
+            return cpp_extension.load(name=name, sources=[str(source)], extra_cflags=list(cflags),
+                                      extra_ldflags=list(ldflags), verbose=False)
+        except Exception as error:  # no compiler / ninja / setuptools: stay correct, just slower
+            warnings.warn(f"zqhero: the {what} did not build ({type(error).__name__}: {_shorten(str(error))}); "
+                          f"{fallback}. To fix: {(hint or _build_hint)(error)}. Set {switch}=0 to skip it and "
+                          "silence this warning.", RuntimeWarning, stacklevel=3)
+            return None
+
+
 @functools.cache
 def extension():
     """The compiled module, or None (with one warning saying why) where it cannot be used here."""
     if os.environ.get("ZQHERO_CPU_VNNI", "1").strip() == "0" or not cpu_has_vnni():
         return None
-    with _build_lock:
-        try:
-            cpp_extension = _import_cpp_extension()
-
-            if shutil.which("ninja") is None:  # the `ninja` wheel's binary, when its scripts dir is not on PATH
-                import ninja
-
-                os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
-
-            log.info("zqhero: building (or loading the cached) AVX-512 VNNI CPU kernels")
-            # copies: cpp_extension.load appends torch's libraries to the lists it is given
-            return cpp_extension.load(name=extension_name(), sources=[str(CPP_PATH)], extra_cflags=list(CPP_FLAGS),
-                                      extra_ldflags=list(LD_FLAGS), verbose=False)
-        except Exception as error:  # no compiler / ninja / setuptools: stay correct, just slower
-            warnings.warn(f"zqhero: the AVX-512 VNNI CPU kernels did not build ({type(error).__name__}: "
-                          f"{_shorten(str(error))}); CPU attention runs its PyTorch reference instead (slower). "
-                          f"To fix: {_build_hint(error)}. Set ZQHERO_CPU_VNNI=0 to skip these kernels and silence "
-                          f"this warning.", RuntimeWarning, stacklevel=2)
-            return None
+    return build_extension(extension_name(), CPP_PATH, CPP_FLAGS, LD_FLAGS, "AVX-512 VNNI CPU kernels",
+                           "CPU attention runs its PyTorch reference instead (slower)", "ZQHERO_CPU_VNNI")
 
 
 def as_4d(t: torch.Tensor) -> torch.Tensor:
