@@ -87,6 +87,19 @@ def row_scale_operand(scale: torch.Tensor, rows: int, what: str) -> tuple[torch.
 
 
 @triton.jit
+def grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """This program's (row-tile, column-tile) in grouped order: GROUP_M row-tiles sweep the same column-tiles
+    together, so the weight tiles they share are still in L2 when the next row-tile asks for them."""
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    first_pid_m = (pid // num_pid_in_group) * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    return first_pid_m + ((pid % num_pid_in_group) % group_size_m), (pid % num_pid_in_group) // group_size_m
+
+
+@triton.jit
 def round_half_even(x):
     """torch.round semantics (ties to even) for |x| < 2**22, in two adds that the GPU and the interpreter agree on.
 

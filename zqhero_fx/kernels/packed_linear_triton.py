@@ -56,6 +56,7 @@ import triton.language as tl
 
 from zqhero_fx.formats import get_format
 from zqhero_fx.kernels._triton_common import (
+    grouped_tile,
     ACTIVATION_CODES,
     FP8_DTYPES,
     MIN_SCALE_F,
@@ -219,16 +220,7 @@ def _packed_linear_kernel(
     ACTIVATION: tl.constexpr, QUANT_OUT: tl.constexpr, BF16_DOT_IN_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    # Grouped tile order, as in quantized_linear: GROUP_M row-tiles sweep the same column-tiles, so the packed weight
-    # tiles they share are still in L2.
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    first_pid_m = (pid // num_pid_in_group) * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
+    pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)  # weight tiles shared in L2
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

@@ -36,6 +36,7 @@ import triton.language as tl
 from zqhero_fx import dispatch
 from zqhero_fx.formats import format_of_dtype
 from zqhero_fx.kernels._triton_common import (
+    grouped_tile,
     ACTIVATION_CODES,
     FP8_DTYPES,
     MIN_SCALE_F,
@@ -105,15 +106,7 @@ def _quantized_gated_linear_kernel(
     ACTIVATION: tl.constexpr, QUANT_OUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    # Grouped tile order, as in quantized_linear: GROUP_M row-tiles sweep the same column-tiles (of both weights).
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    first_pid_m = (pid // num_pid_in_group) * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
+    pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)  # weight tiles shared in L2
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
