@@ -6,8 +6,9 @@ large 4096 x 4096 -- and each number of rows M (1, 4, 8: decode; 128, 512: prefi
 
   FP32          F.linear, float32
   BF16          F.linear, bfloat16 operands
-  W8A8          torch.ops.zqhero.quantized_linear, int8 x (per-token scale) x int8 weight (per-channel scale): what
-                the CPU runs today, torch._int_mm (oneDNN) plus the epilogue
+  W8A8          torch.ops.zqhero.quantized_linear, int8 x (per-token scale) x int8 weight (per-channel scale): the
+                INT8 CPU kernel this host runs (kernels/int8_cpu.py: zqhero's VNNI GEMM with the epilogue fused, or
+                oneDNN's torch._int_mm plus the epilogue pass), or its reference where none builds
   A8W4          torch.ops.zqhero.packed_linear, int8 x x DGQ INT4 codes (zero point, integer group scales)
   W4A8          torch.ops.zqhero.packed_linear, FP8 E4M3 x x FP4 E2M1 codes with power-of-two group scales
   FP6           torch.ops.zqhero.packed_linear, float32 x x FP6 E3M2 "4+2" codes, one scale per channel
@@ -174,13 +175,17 @@ def rotating(call, weight, rotate_bytes: int):
 
 
 def kernel_label(op) -> str:
-    """dispatch.select's label for a zqhero op's call ("cpu", "reference"); quantized_linear's CPU reference is
-    torch._int_mm plus the epilogue."""
+    """dispatch.select's label for a zqhero op's call ("cpu", "reference"); quantized_linear's says which INT8 GEMM."""
     if op is None:
         return "F.linear"
     name, args = op
     label = dispatch.select(name, *args)[0]
-    return f"{label}: torch._int_mm + epilogue" if (name, label) == ("quantized_linear", "reference") else label
+    if name == "quantized_linear":
+        from zqhero_fx.kernels import int8_cpu
+
+        gemm = "zqhero VNNI GEMM" if int8_cpu.gemm_path() == "zqhero" else "oneDNN _int_mm + epilogue"
+        return f"cpu: {gemm}" if label == "cpu" else "reference: torch._int_mm + epilogue"
+    return label
 
 
 # ---------------------------------------------------------------- timing

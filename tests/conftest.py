@@ -1,5 +1,6 @@
 """Shared fixtures. Triton kernels run under the interpreter on this CPU-only machine; the default kernel choice
-('auto') still sends CPU tensors to the PyTorch references, so this only matters for tests that force Triton."""
+('auto') sends CPU tensors to the C++ CPU kernels (or the references where none applies), so the interpreter only
+matters for tests that force Triton."""
 
 import os
 

@@ -166,6 +166,20 @@ def test_zero_range_channels_and_out_of_range_inputs_stay_finite(bert_traced, be
         assert torch.isfinite(q2(**bert_batch(4, 64, seed=8)).last_hidden_state).all()
 
 
+def test_converted_model_runs_with_grad_enabled(bert_traced, bert_calibration):
+    """A caller who forgot torch.no_grad() still gets the model's answer: the float parts record autograd history
+    (the pooler's Linear), the zqhero ops need none."""
+    model, gm = bert_traced("h64_l2")
+    q = zqhero_fx.convert(gm, "M3", calibration=bert_calibration)
+    test = bert_batch(2, 12, seed=5)
+    assert torch.is_grad_enabled()
+    out = q(**test)
+    with torch.no_grad():
+        expected = q(**test)
+    torch.testing.assert_close(out.last_hidden_state, expected.last_hidden_state, rtol=0, atol=0)
+    torch.testing.assert_close(out.pooler_output.detach(), expected.pooler_output, rtol=0, atol=0)
+
+
 class _Scale(torch.nn.Module):
     def __init__(self):
         super().__init__()
@@ -224,6 +238,37 @@ class TestBadInput:
         with pytest.raises(zqhero_fx.ConfigError, match="decoder.layers.*matches no module"):
             zqhero_fx.convert(gm, "M1", overrides={"decoder.layers.*": "fp16"})
 
+    def test_override_matching_nothing_shows_real_module_paths(self, bert_traced):
+        _, gm = bert_traced("h64_l2")
+        with pytest.raises(zqhero_fx.ConfigError, match="matches no module") as info:
+            zqhero_fx.convert(gm, "M1", overrides={"encoder.layers.*": "fp16"})
+        examples = str(info.value).split("module paths look like: ")[1].rstrip(")").split(", ")
+        assert examples and not any(part.startswith("_") for path in examples for part in path.split("."))
+        assert any(path.startswith("encoder.layer.") for path in examples), examples  # near the glob, not only A..Z
+
+    @pytest.mark.parametrize("mode", ["fp", "M1", "M3"])  # aten.embedding; embedding_norm_quant (M3)
+    def test_float_token_ids_are_refused_by_name(self, bert_traced, bert_calibration, mode):
+        _, gm = bert_traced("h64_l2")
+        q = zqhero_fx.convert(gm, mode, calibration=bert_calibration)
+        test = bert_batch(2, 8)
+        for dtype in (torch.float32, torch.int16, torch.bool):
+            with pytest.raises(zqhero_fx.InputError, match=rf"'input_ids' holds token ids.*integer tensor.*{dtype}"):
+                q(input_ids=test["input_ids"].to(dtype), attention_mask=test["attention_mask"])
+        with torch.no_grad():  # int32 ids index as well as int64 ones; the attention mask is no token-id input
+            expected = q(**test).last_hidden_state
+            torch.testing.assert_close(q(input_ids=test["input_ids"].int(),
+                                         attention_mask=test["attention_mask"]).last_hidden_state, expected)
+            q(input_ids=test["input_ids"], attention_mask=test["attention_mask"].float())
+
+    @pytest.mark.parametrize("front_end", ["export", "symbolic_trace"])
+    def test_float_token_ids_positional(self, encoder_model, encoder_calibration, front_end):
+        gm = zqhero_fx.trace(encoder_model, encoder_batch(2, 8)) if front_end == "export" \
+            else torch.fx.symbolic_trace(encoder_model)
+        q = zqhero_fx.convert(gm, "M3", calibration=encoder_calibration)
+        ids, keep = encoder_batch(2, 8)
+        with pytest.raises(TypeError, match="'ids' holds token ids"):  # InputError is a TypeError
+            q(ids.float(), keep)
+
     def test_override_with_bad_precision(self, bert_traced):
         _, gm = bert_traced("h64_l2")
         with pytest.raises(zqhero_fx.ConfigError, match="8-bit"):
@@ -260,3 +305,10 @@ def test_fp8_on_a_gpu_without_fp8_is_refused_by_name(monkeypatch):
     api.check_device_runs(MODES["M3-fp8"], torch.device("cpu"))  # the CPU runs FP8 through the references
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     api.check_device_runs(MODES["M3-fp8"], torch.device("cuda", 0))
+
+
+def test_ops_histogram_names_are_stable(bert_traced, bert_calibration):
+    _, gm = bert_traced("h64_l2")
+    q = zqhero_fx.convert(gm, "M3", calibration=bert_calibration)
+    histogram = zqhero_fx.ops_histogram(q)
+    assert histogram.get("check_token_ids") == 1 and not any(" at 0x" in key for key in histogram)

@@ -289,7 +289,37 @@ def test_bad_options_raise():
             torch.compile(model, backend=be)(**bert_batch(2, 8))
 
 
+def test_override_matching_nothing_names_no_internal_module(calibration):
+    class WithPrivateStem(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self._stem = nn.LayerNorm(16)
+            self.head = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16))
+
+        def forward(self, x):
+            return self.head(self._stem(x))
+
+    be = backend(mode="M1", overrides={"body.*": "fp32"}, inductor=False)
+    with pytest.raises(Exception, match="matches no module") as info:
+        with torch.no_grad():
+            torch.compile(WithPrivateStem().eval(), backend=be)(torch.randn(2, 5, 16))
+    examples = str(info.value).split("module paths look like: ")[1].split(")")[0].split(", ")
+    assert "head.0" in examples and not any(p.startswith("_") for p in examples), examples
+
+
 # ---------------------------------------------------------------- Inductor
+def test_inductor_with_grad_enabled(calibration):
+    """torch.compile(model, backend="zqhero") with Inductor, called without torch.no_grad()."""
+    model = tiny_bert("h64_l2", "sdpa")
+    compiled = torch.compile(model, backend="zqhero", options={"mode": "M3", "calibration": calibration})
+    test = bert_batch(2, 10, seed=3)
+    assert torch.is_grad_enabled()
+    got = compiled(**test).last_hidden_state
+    with torch.no_grad():
+        torch.testing.assert_close(got.detach(), _converted(model, "M3", calibration)(**test).last_hidden_state,
+                                   rtol=1e-3, atol=1e-3)
+
+
 def test_inductor_keeps_zqhero_ops_as_extern_calls(calibration):
     model = tiny_bert("h64_l2", "sdpa")
     be = backend(mode="M3", calibration=calibration)  # inductor=True

@@ -110,6 +110,24 @@ def test_unknown_mode_is_a_clear_error(capsys):
     assert "unknown mode 'M4'" in err and "M1" in err and "M3-fp8" in err
 
 
+@pytest.mark.parametrize("argv, flag", [
+    (["dump", "--mode", "M9"], "--mode"),
+    (["eval", "--modes", "M1,M9"], "--modes"),
+    (["study", "--encoder-modes", "M9"], "--encoder-modes"),
+])
+def test_unknown_mode_names_the_flag_given(capsys, argv, flag):
+    err = _parse_error(argv, capsys)
+    assert f"argument {flag}: unknown mode 'M9'" in err and "M1" in err and "M3-fp8" in err
+    others = {"--mode", "--modes", "--encoder-modes", "--decoder-modes"} - {flag}
+    assert not any(f"{other} " in err.split(f"argument {flag}:")[1] for other in others), err
+
+
+def test_dump_mode_takes_one_converting_mode(capsys):
+    assert "give one mode" in _parse_error(["dump", "--mode", "M1,M3"], capsys)
+    err = _parse_error(["dump", "--mode", "fp32"], capsys)
+    assert "fp32 is the unconverted model" in err and "--mode M3" in err and "M3-fp8" in err
+
+
 @pytest.mark.parametrize("override, message", [
     ("encoder.layer.5.*", "write GLOB=PRECISION"),
     ("=fp16", "write GLOB=PRECISION"),
@@ -222,6 +240,53 @@ def test_dump_any_encoder_without_task(tiny, tmp_path, capsys):
     code, out, err = _run(["dump", "--model", tiny["model"], "--mode", "M1", "--out", out_dir], capsys)
     assert code == 0, err
     assert (out_dir / "sqnr_report.md").exists() and "built-in sample sentences" in err
+
+
+@pytest.mark.parametrize("asset", [None, "lee", "smollm2"])
+def test_fetch_print_path_prints_only_the_directory(capsys, monkeypatch, tmp_path, asset):
+    from zqhero_fx.eval import assets
+
+    fetched = []
+
+    def fake_ensure_asset(name, **kwargs):
+        fetched.append(name if isinstance(name, str) else name.name)
+        return tmp_path / fetched[-1]
+
+    monkeypatch.setattr(assets, "ensure_asset", fake_ensure_asset)
+    monkeypatch.setattr(assets, "smollm2_dir", lambda **kwargs: tmp_path / "smollm2-fp32")
+    code, out, _ = _run(["fetch", "--print-path"] + ([asset] if asset else []), capsys)
+    assert code == 0
+    expected = {None: tmp_path / "minilm", "lee": tmp_path / "lee", "smollm2": tmp_path / "smollm2-fp32"}[asset]
+    assert out == f"{expected}\n"
+    assert fetched == ([] if asset == "smollm2" else [asset or "minilm"])  # that asset only, not all of them
+
+
+def test_fetch_print_path_refuses_unknown_assets(capsys):
+    err = _parse_error(["fetch", "--print-path", "bert"], capsys)
+    assert "invalid choice: 'bert'" in err and "minilm" in err
+    assert "--print-path smollm2" in _parse_error(["fetch", "--smollm2", "--print-path"], capsys)
+
+
+def test_default_output_paths_are_git_ignored():
+    """What the commands write into the working directory by default, run from the repository root."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    from zqhero_fx.cli import build_parser
+
+    root = Path(__file__).resolve().parents[1]
+    if shutil.which("git") is None or not (root / ".git").exists():
+        pytest.skip("not a git checkout")
+    commands = build_parser()._subparsers._group_actions[0].choices
+    outputs = [f"{commands[c].get_default('out')}/results.json" for c in ("eval", "dump", "study")]
+    outputs += ["bench_e2e_cpu.json", "bench_lowbit_cpu.json", "bench_fp8_cpu.json"]  # benchmarks/*.py --out
+    checked = subprocess.run(["git", "check-ignore", "--no-index", *outputs], cwd=root, capture_output=True,
+                             text=True)
+    assert sorted(checked.stdout.split()) == sorted(outputs)
+    committed = subprocess.run(["git", "check-ignore", "--no-index", "docs/benchmarks/bench_e2e_cpu.json"],
+                               cwd=root, capture_output=True, text=True)
+    assert committed.returncode == 1  # anchored at the root: the committed baselines stay tracked
 
 
 def test_bench_slot(capsys):

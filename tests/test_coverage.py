@@ -102,3 +102,18 @@ def test_dump_writes_the_report(bert_traced, bert_calibration, tmp_path):
     text = (tmp_path / "coverage.md").read_text()
     assert "quantized 13/13 gemms" in text and "mode M2 keeps attention float" in text
     assert json.loads((tmp_path / "coverage.json").read_text())["mode"] == "M2"
+
+
+def test_report_names_the_kernels_that_run_the_model():
+    import zqhero_fx
+    from zqhero_fx.kernels import int8_cpu
+
+    model = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8)).eval()
+    example = (torch.randn(4, 32),)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", zqhero_fx.CoverageWarning)  # the first GEMM's input is the graph's input
+        q = zqhero_fx.convert(zqhero_fx.trace(model, example), "M1", calibration=[example])
+    coverage = zqhero_fx.coverage_of(q)
+    assert coverage.kernels == f"CPU: {int8_cpu.describe()}"
+    assert f"Kernels: CPU: {int8_cpu.describe()}" in coverage.table()
+    assert '"kernels": "CPU: ' in coverage.to_json()

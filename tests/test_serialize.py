@@ -75,3 +75,27 @@ def test_files_of_the_int8_only_format_are_refused_with_a_reason(tmp_path):
               metadata={"zqhero_fx": json.dumps({"format": "zqhero_fx.graph/1", "nodes": []})})
     with pytest.raises(zqhero_fx.SerializationError, match="older zqhero_fx.*convert the model again"):
         zqhero_fx.load(tmp_path / "old.safetensors")
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_saved_file_gets_the_mode_the_umask_gives_new_files(bert_traced, tmp_path, umask, mode):
+    import os
+    import stat
+
+    _, gm = bert_traced("h64_l2")
+    q = zqhero_fx.convert(gm, "M1")
+    before = os.umask(umask)
+    try:
+        path = zqhero_fx.save(q, tmp_path / "m1.safetensors")
+        assert os.umask(umask) == umask  # save left the process umask as it found it
+    finally:
+        os.umask(before)
+    assert stat.S_IMODE(path.stat().st_mode) == mode
+
+
+def test_loaded_model_still_refuses_float_token_ids(bert_traced, tmp_path):
+    _, gm = bert_traced("h64_l2")
+    loaded = zqhero_fx.load(zqhero_fx.save(zqhero_fx.convert(gm, "M1"), tmp_path / "m1.safetensors"))
+    test = bert_batch(2, 8)
+    with pytest.raises(zqhero_fx.InputError, match="'input_ids' holds token ids"):
+        loaded(input_ids=test["input_ids"].float(), attention_mask=test["attention_mask"])

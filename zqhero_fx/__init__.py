@@ -16,6 +16,7 @@ from zqhero_fx.errors import (
     ConfigError,
     CoverageError,
     FoldError,
+    InputError,
     PassError,
     SerializationError,
     ZqheroError,
@@ -31,5 +32,5 @@ __all__ = [
     "trace", "convert", "generate", "coverage_of", "compile", "save", "load", "backend", "ZqheroBackend", "ops_histogram",
     "use_kernels", "MODES", "QuantConfig", "FORMATS", "Format", "get_format", "CoverageWarning",
     "ZqheroError", "CaptureError", "ConfigError", "CalibrationError", "CoverageError", "FoldError", "PassError",
-    "SerializationError",
+    "InputError", "SerializationError",
 ]

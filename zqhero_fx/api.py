@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import itertools
 import os
 import warnings
@@ -11,7 +12,7 @@ import torch
 import torch.fx as fx
 
 from zqhero_fx import dispatch
-from zqhero_fx.capture import flatten_inputs
+from zqhero_fx.capture import flatten_inputs, guard_token_ids
 from zqhero_fx.errors import CalibrationError, CaptureError, ConfigError, CoverageError, ZqheroError
 from zqhero_fx.modes import QuantConfig, resolve_mode, resolve_overrides
 from zqhero_fx.pipeline import build_pipeline, run_pipeline
@@ -94,7 +95,8 @@ def convert(traced_module: fx.GraphModule, mode, *, calibration=None, overrides=
     Returns:
         A GraphModule whose quantized parts are `torch.ops.zqhero.*` ops; it accepts other batch sizes and sequence
         lengths. `zqhero_fx.coverage_of(q)` is its coverage report (every GEMM / attention / embedding site, its
-        format and scheme, and why it stays float when it does).
+        format and scheme, and why it stays float when it does). Called with token ids that are not an integer
+        tensor, it raises InputError naming the input.
 
     Example:
         >>> gm = zqhero_fx.trace(model, {"input_ids": ids, "attention_mask": mask})
@@ -127,6 +129,7 @@ def convert(traced_module: fx.GraphModule, mode, *, calibration=None, overrides=
     with torch.no_grad():
         gm = run_pipeline(gm, build_pipeline(config, batches, overrides, "zqhero_decoder" in gm.meta),
                           dumper=dumper)
+        record_kernels(gm)
         if dumper is not None:
             dumper.write_coverage(gm)
             if batches:
@@ -134,8 +137,27 @@ def convert(traced_module: fx.GraphModule, mode, *, calibration=None, overrides=
     state = gm.meta["zqhero"]
     for transient in ("samples", "graph_view", "flat_example"):
         state.pop(transient, None)
+    guard_token_ids(gm)
     report_coverage(gm, config, strict)
     return gm
+
+
+def record_kernels(gm: fx.GraphModule) -> None:
+    """Name, in the coverage report, the kernels that will run the quantized ops: on the CPU, the INT8 GEMM and
+    instruction set chosen for this host (building or loading the CPU kernels now rather than on the first call);
+    on a GPU, Triton."""
+    coverage = gm.meta.get("zqhero", {}).get("coverage")
+    if coverage is None or not coverage.sites:
+        return
+    tensors = [*gm.parameters(), *gm.buffers()]
+    if dispatch.kernel_choice() == "reference":
+        coverage.kernels = "PyTorch references (ZQHERO_KERNELS=reference)"
+    elif dispatch.kernel_choice() == "triton" or (tensors and all(t.device.type == "cuda" for t in tensors)):
+        coverage.kernels = "Triton"
+    else:
+        from zqhero_fx.kernels import int8_cpu
+
+        coverage.kernels = f"CPU: {int8_cpu.describe()}"
 
 
 def coverage_of(gm: fx.GraphModule):
@@ -151,7 +173,9 @@ def ops_histogram(gm: fx.GraphModule) -> dict[str, int]:
     counts: dict[str, int] = {}
     for node in gm.graph.nodes:
         if node.op in ("call_function", "call_module", "call_method"):
-            key = str(node.target)
+            target = node.target
+            # plain Python functions (the token-id check) by name: their str() carries an address that changes per run
+            key = target.__qualname__ if inspect.isfunction(target) else str(target)
             counts[key] = counts.get(key, 0) + 1
     return counts
 

@@ -35,8 +35,8 @@ import torch.utils._pytree as pytree
 from zqhero_fx import _dynamo_compat as dynamo
 from zqhero_fx import api
 from zqhero_fx.capture import (constants_allowed, dynamic_output_dims, freeze, freeze_dynamo_graph, input_builder,
-                               input_sources, module_path_of_source, module_paths, output_kinds, split_inputs,
-                               tensor_names)
+                               input_sources, module_path_examples, module_path_of_source, module_paths, output_kinds,
+                               split_inputs, tensor_names)
 from zqhero_fx.errors import CalibrationError, CaptureError, ConfigError
 from zqhero_fx.modes import QuantConfig, resolve_mode, resolve_overrides
 
@@ -324,9 +324,8 @@ class ZqheroBackend:
                                                                           for g in self.graphs))
         for pattern in self.overrides:
             if not any(fnmatch.fnmatchcase(p, pattern) for p in everywhere):
-                examples = ", ".join(sorted(p for p in everywhere if p)[:4])
                 raise ConfigError(f"override {pattern!r} matches no module in the compiled graphs "
-                                  f"(module paths look like: {examples})")
+                                  f"(module paths look like: {module_path_examples(everywhere, pattern)})")
         return {p: v for p, v in self.overrides.items() if any(fnmatch.fnmatchcase(m, p) for m in mine)}
 
     def reset(self) -> None:

@@ -10,7 +10,9 @@ Dynamo's graph meta is read through zqhero_fx._dynamo_compat.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import inspect
+import operator
 from typing import Callable
 import re
 
@@ -21,7 +23,7 @@ from torch.fx._pytree import tree_flatten_spec
 from torch.fx.graph import _PyTreeCodeGen
 
 from zqhero_fx import _dynamo_compat as dynamo
-from zqhero_fx.errors import CaptureError
+from zqhero_fx.errors import CaptureError, InputError
 
 
 def split_inputs(inputs, what: str = "example inputs", error=CaptureError) -> tuple[tuple, dict]:
@@ -161,6 +163,86 @@ def flatten_inputs(gm: fx.GraphModule, inputs, what: str = "input") -> list:
     return flat
 
 
+# ---------------------------------------------------------------- token-id inputs of a converted graph
+# The embedding kernels index their tables with whatever they are given; float ids end in a bare IndexError deep
+# inside a kernel, so a converted graph checks the inputs it uses as indices itself, where it can name them.
+
+TOKEN_ID_DTYPES = (torch.int64, torch.int32)  # what aten.embedding and the zqhero embedding kernels index with
+
+# Ops that hand their first operand on unchanged in dtype, so an input reaching an embedding through them still is
+# the token ids. A dtype conversion (`ids.long()`) is not among them: behind one, a float input would be fine.
+_VIEW_OPS = {
+    torch.ops.aten.view.default, torch.ops.aten.reshape.default, torch.ops.aten._unsafe_view.default,
+    torch.ops.aten.slice.Tensor, torch.ops.aten.select.int, torch.ops.aten.expand.default,
+    torch.ops.aten.unsqueeze.default, torch.ops.aten.squeeze.dim, torch.ops.aten.squeeze.default,
+    torch.ops.aten.clone.default, torch.ops.aten.alias.default, torch.ops.aten.detach.default,
+    torch.ops.aten.permute.default, torch.ops.aten.t.default, torch.ops.aten.transpose.int,
+    torch.ops.aten.flatten.using_ints, operator.getitem,
+}
+_VIEW_METHODS = {"view", "reshape", "expand", "unsqueeze", "squeeze", "contiguous", "clone", "detach", "flatten",
+                 "permute", "transpose", "t"}
+
+
+@fx.node.has_side_effect  # it returns nothing: without this, dead-code elimination would drop it from the graph
+def check_token_ids(value, name: str) -> None:
+    """Raise InputError unless `value` can index an embedding table. Converted graphs call this on each input they
+    use as token ids (`guard_token_ids`)."""
+    if isinstance(value, torch.Tensor) and value.dtype not in TOKEN_ID_DTYPES:
+        raise InputError(f"'{name}' holds token ids (it indexes an embedding table), so it must be an integer tensor "
+                         f"(torch.int64 or torch.int32), got dtype {value.dtype}: pass the ids as the tokenizer "
+                         "returns them, without converting them to float")
+
+
+def _embedding_indices(gm: fx.GraphModule, node: fx.Node) -> list:
+    """The index operands of `node` when it is an embedding lookup, else []."""
+    def operand(position: int, keyword: str):
+        return node.args[position] if len(node.args) > position else node.kwargs.get(keyword)
+
+    if node.op == "call_module":
+        is_embedding = isinstance(gm.get_submodule(node.target), torch.nn.Embedding)
+        return [operand(0, "input")] if is_embedding else []
+    if node.op != "call_function":
+        return []
+    if node.target is torch.ops.aten.embedding.default:
+        return [operand(1, "indices")]
+    if node.target is torch.nn.functional.embedding:
+        return [operand(0, "input")]
+    if node.target is torch.ops.zqhero.quantized_embedding.default:
+        return [operand(0, "indices")]
+    if node.target is torch.ops.zqhero.embedding_norm_quant.default:
+        return list(operand(0, "indices"))
+    return []
+
+
+def _is_view(node: fx.Node) -> bool:
+    return bool(node.args) and (node.op == "call_function" and node.target in _VIEW_OPS
+                                or node.op == "call_method" and node.target in _VIEW_METHODS)
+
+
+def token_id_inputs(gm: fx.GraphModule) -> list[fx.Node]:
+    """The placeholders `gm` uses as embedding indices, directly or through views and slices."""
+    found: dict[fx.Node, None] = {}
+    for node in gm.graph.nodes:
+        for index in _embedding_indices(gm, node):
+            while isinstance(index, fx.Node) and _is_view(index):
+                index = index.args[0]
+            if isinstance(index, fx.Node) and index.op == "placeholder":
+                found[index] = None
+    return list(found)
+
+
+def guard_token_ids(gm: fx.GraphModule) -> fx.GraphModule:
+    """Make `gm` check the dtype of its token-id inputs on every call (`check_token_ids`), in place. The check is a
+    node of the graph, so it survives deepcopy, save/load and torch.compile (where Dynamo settles it while tracing)."""
+    checked = {n.args[0] for n in gm.graph.nodes if n.op == "call_function" and n.target is check_token_ids}
+    for placeholder in token_id_inputs(gm):
+        if placeholder not in checked:  # right after the input: a later placeholder may come after its embedding
+            with gm.graph.inserting_after(placeholder):
+                gm.graph.call_function(check_token_ids, (placeholder, placeholder.target))
+    gm.recompile()
+    return gm
+
+
 # ---------------------------------------------------------------- a Dynamo graph -> the frozen float graph
 _MISSING = object()
 
@@ -288,6 +370,17 @@ def module_paths(gm: fx.GraphModule) -> set[str]:
     from zqhero_fx.passes._graph import module_path, weight_module_path
 
     return {weight_module_path(n.target) if n.op == "get_attr" else module_path(n) for n in gm.graph.nodes}
+
+
+def module_path_examples(paths, pattern: str, count: int = 4) -> str:
+    """A few of `paths` to show beside an override glob that matched none of them: the ones closest to the glob,
+    then some spread over the model (so deep paths such as `encoder.layer.0.attention` show, not only the first
+    names in sorted order). Names with a part starting with "_" are left out: they are capture internals (torch.export's
+    `_empty_nn_module_stack_from_metadata_hook`, our `_zq_*` constants), never a module a user means."""
+    public = sorted(p for p in paths if p and not any(part.startswith("_") for part in p.split(".")))
+    closest = difflib.get_close_matches(pattern, public, n=count, cutoff=0.5)
+    spread = public[len(public) // (2 * count)::max(1, len(public) // count)]
+    return ", ".join(list(dict.fromkeys(closest + spread))[:count])
 
 
 _SIZE_SOURCE = re.compile(r"(.*)\.size\(\)\[(\d+)\]")

@@ -45,6 +45,7 @@ examples:
   zqhero eval --model ./my-model --task mrpc --data-dir ./glue_data/MRPC
   zqhero dump --mode M3 --out dumps/           # per-pass graphs (.py/.svg/.json) and sqnr_report.md
   zqhero fetch                                 # pre-fetch the offline assets (e.g. to warm a CI cache)
+  zqhero fetch --print-path                    # the local all-MiniLM-L6-v2 folder, for from_pretrained
   zqhero study --out docs/study/               # every format on MiniLM and SmolLM2, per-layer FP8-vs-INT8 SQNR
 
 Run `zqhero <command> --help` for the options of each command. docs/cli.md has the details.
@@ -140,21 +141,35 @@ def _tokens_arg(text: str) -> int:
     return _positive_int(text)
 
 
-def _modes_arg(text: str) -> list[str]:
-    from zqhero_fx.errors import ConfigError
-    from zqhero_fx.eval.run import parse_modes
+def _modes_arg(flag: str):
+    """The argparse type of a comma-separated mode list given with `flag` (named in its error messages)."""
+    def parse(text: str) -> list[str]:
+        from zqhero_fx.errors import ConfigError
+        from zqhero_fx.eval.run import parse_modes
 
-    try:
-        return parse_modes(text)
-    except ConfigError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
+        try:
+            return parse_modes(text, flag)
+        except ConfigError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    return parse
 
 
 def _mode_arg(text: str) -> str:
-    modes = _modes_arg(text)
-    if len(modes) != 1:
+    """One mode to convert in (`zqhero dump --mode`); fp32, the unconverted model, is no choice here."""
+    from zqhero_fx.errors import ConfigError
+    from zqhero_fx.modes import MODES, resolve_mode
+
+    name = text.strip()
+    if "," in name:
         raise argparse.ArgumentTypeError(f"give one mode, got {text!r}")
-    return modes[0]
+    if name.lower() == "fp32":
+        raise argparse.ArgumentTypeError(f"fp32 is the unconverted model, there is nothing to convert: choose one of "
+                                         f"{', '.join(MODES)}, e.g. --mode M3")
+    try:
+        return resolve_mode(name).name
+    except ConfigError as error:  # it names the mode and lists the known ones
+        raise argparse.ArgumentTypeError(f"{error}; e.g. --mode M3") from None
 
 
 def _override_arg(text: str) -> tuple[str, str]:
@@ -191,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
                         description=_EVAL_DESC, epilog=_EVAL_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_model_args(ev)
     g = ev.add_argument_group("what to run")
-    g.add_argument("--modes", type=_modes_arg, default=["M1", "M2", "M3"], metavar="M1,M2,...",
+    g.add_argument("--modes", type=_modes_arg("--modes"), default=["M1", "M2", "M3"], metavar="M1,M2,...",
                    help="comma-separated modes to evaluate (default: M1,M2,M3; fp32 always runs as the baseline)")
     g.add_argument("--max-examples", type=_positive_int, metavar="N",
                    help="evaluate at most N examples (GLUE dev split, or polarity test sentences)")
@@ -232,7 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     du = sub.add_parser("dump", help="per-pass graph dumps (.py/.svg/.json) and an SQNR report for one mode",
                         description=_DUMP_DESC, epilog=_DUMP_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_model_args(du)
-    du.add_argument("--mode", type=_mode_arg, default="M3", help="M1, M2, M3 or fp (default: M3)")
+    du.add_argument("--mode", type=_mode_arg, default="M3",
+                    help="the mode to convert in: M1, M2, M3, fp, M3-fp8, W4A8... (default: M3)")
     du.add_argument("--out", type=Path, default=Path("zqhero_dump"), metavar="DIR",
                     help="dump directory (default: ./zqhero_dump); old NN_* and sqnr_report.* files there are removed")
     du.add_argument("--calib-batches", type=_positive_int, default=4, metavar="N",
@@ -249,6 +265,11 @@ def build_parser() -> argparse.ArgumentParser:
     fe.add_argument("--smollm2", action="store_true",
                     help="also fetch SmolLM2-135M-Instruct for `zqhero eval --model smollm2` (~93 MB) and convert it "
                          "once to FP32 safetensors (~540 MB in the cache)")
+    fe.add_argument("--print-path", nargs="?", const="minilm", choices=_PRINTABLE_ASSETS, metavar="ASSET",
+                    help="fetch only ASSET if it is not cached and print its local directory, nothing else, on "
+                         "stdout: minilm (the default; the all-MiniLM-L6-v2 folder that from_pretrained loads), "
+                         "lee (Lee similarity data, lee_background.cor news texts), pang_lee, smollm2 (FP32 model "
+                         "folder); e.g. AutoModel.from_pretrained(\"$(zqhero fetch --print-path)\")")
     fe.set_defaults(func=cmd_fetch)
 
     st = sub.add_parser("study", help="every format and mode side by side on MiniLM and SmolLM2, with per-layer "
@@ -256,9 +277,10 @@ def build_parser() -> argparse.ArgumentParser:
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     st.add_argument("--models", default="minilm,smollm2", metavar="minilm,smollm2",
                     help="models to study (default: both)")
-    st.add_argument("--decoder-modes", type=_modes_arg, default=None, metavar="M,...",
+    st.add_argument("--decoder-modes", type=_modes_arg("--decoder-modes"), default=None, metavar="M,...",
                     help="SmolLM2 modes (default: every INT8/FP8 HERO mode and the W4A8/A8W4/W6A16 ablations)")
-    st.add_argument("--encoder-modes", type=_modes_arg, default=None, metavar="M,...", help="MiniLM modes")
+    st.add_argument("--encoder-modes", type=_modes_arg("--encoder-modes"), default=None, metavar="M,...",
+                    help="MiniLM modes")
     st.add_argument("--max-tokens", type=_positive_int, default=2048, metavar="N",
                     help="Lee tokens scored per SmolLM2 mode (default: 2048)")
     st.add_argument("--per-layer-only", action="store_true",
@@ -535,9 +557,21 @@ def cmd_dump(args, parser) -> int:
     return 0
 
 
-def cmd_fetch(args, parser) -> int:
-    from zqhero_fx.eval.assets import cache_dir, fetch_all
+# `zqhero fetch --print-path ASSET`: the asset names of zqhero_fx.eval.assets (smollm2: its FP32 model folder).
+_PRINTABLE_ASSETS = ("minilm", "lee", "pang_lee", "smollm2")
 
+
+def cmd_fetch(args, parser) -> int:
+    from zqhero_fx.eval.assets import cache_dir, ensure_asset, fetch_all, smollm2_dir
+
+    if args.print_path is not None:
+        if args.smollm2 and args.print_path != "smollm2":
+            parser.error("--smollm2 fetches a second asset but --print-path prints one: use --print-path smollm2")
+        # Only the path goes to stdout, so that $(zqhero fetch --print-path) is the directory; "fetching ..." and
+        # the progress bars go to stderr.
+        path = smollm2_dir() if args.print_path == "smollm2" else ensure_asset(args.print_path)
+        print(path)
+        return 0
     start = time.perf_counter()
     paths = fetch_all(progress=None, decoder=getattr(args, "smollm2", False))
     for name, path in paths.items():

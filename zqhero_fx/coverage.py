@@ -34,6 +34,9 @@ class Coverage:
     activation_format: str  # "none": weight-only
     weight_format: str = ""
     sites: list[Site] = field(default_factory=list)
+    # Which kernels run the quantized ops where the model lives (convert fills it in: on the CPU, the INT8 GEMM and
+    # instruction set picked for this host, kernels/int8_cpu.py describe()).
+    kernels: str = ""
 
     def add(self, node: fx.Node, kind: str, reason: str, by_design: bool = False) -> None:
         from zqhero_fx.passes._graph import module_path
@@ -77,7 +80,8 @@ class Coverage:
         return text
 
     def table(self) -> str:
-        lines = [f"{self.summary()}", "", "| site | kind | module | precision | weight | scheme | why float |",
+        lines = [f"{self.summary()}", *([f"Kernels: {self.kernels}"] if self.kernels else []), "",
+                 "| site | kind | module | precision | weight | scheme | why float |",
                  "|---|---|---|---|---|---|---|"]
         lines += [f"| {s.node} | {s.kind} | {s.module} | {s.precision} | {s.weight} | {s.scheme} | {s.reason} |"
                   for s in self.sites]
@@ -85,7 +89,7 @@ class Coverage:
 
     def to_json(self) -> str:
         return json.dumps({"mode": self.mode, "activation_format": self.activation_format,
-                           "weight_format": self.weight_format,
+                           "weight_format": self.weight_format, "kernels": self.kernels,
                            "counts": {k: list(v) for k, v in self.counts().items()},
                            "sites": [asdict(s) for s in self.sites]}, indent=1)
 

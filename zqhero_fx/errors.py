@@ -9,6 +9,10 @@ class CaptureError(ZqheroError):
     """The model could not be captured as a graph (untraceable Python, data-dependent control flow, bad inputs)."""
 
 
+class InputError(ZqheroError, TypeError):
+    """A converted model was called with an input it cannot take, such as token ids that are not an integer tensor."""
+
+
 class ConfigError(ZqheroError, ValueError):
     """An unknown mode, a bad override, or an option that makes no sense."""
 

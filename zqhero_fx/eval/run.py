@@ -85,9 +85,10 @@ class EvalSettings:
                               "job, --model smollm2, is zqhero_fx.eval.lm.evaluate_decoder)")
 
 
-def parse_modes(text: str) -> list[str]:
+def parse_modes(text: str, flag: str | None = None) -> list[str]:
     """'M1,m3' -> ['M1', 'M3']; 'fp32' (the baseline, always run) is accepted and dropped; unknown names raise.
-    Any name zqhero_fx.modes.resolve_mode takes works ("W4A8-int4", "A8W4+weight_search=none")."""
+    Any name zqhero_fx.modes.resolve_mode takes works ("W4A8-int4", "A8W4+weight_search=none"). `flag` is the
+    command-line option the text came from, for the example in the error message."""
     from zqhero_fx.modes import MODES, resolve_mode
 
     out: list[str] = []
@@ -99,9 +100,10 @@ def parse_modes(text: str) -> list[str]:
             continue
         try:
             config = resolve_mode(name)
-        except ConfigError as error:
-            raise ConfigError(f"unknown mode {name!r}: choose from {', '.join(m for m in MODES)} (comma-separated, "
-                              f"e.g. --modes M1,M3); {BASELINE} is the baseline and always runs ({error})") from None
+        except ConfigError as error:  # it names the mode and lists the known ones
+            example = f", e.g. {flag} M1,M3" if flag else ""
+            raise ConfigError(f"{error}; several modes are comma-separated{example}; {BASELINE} is the baseline "
+                              "and always runs") from None
         if config.name not in out:
             out.append(config.name)
     if not out:
@@ -645,8 +647,7 @@ def _load(settings: EvalSettings, device: torch.device):
     if settings.model is None:
         from zqhero_fx.eval.assets import minilm_max_seq_length, minilm_path
 
-        _log("fetching all-MiniLM-L6-v2 into the asset cache (only on the first run)")
-        path = minilm_path(progress=settings.progress)
+        path = minilm_path(progress=settings.progress)  # says "fetching ..." when it is not cached yet
         max_len = minilm_max_seq_length()
         tokenizer = AutoTokenizer.from_pretrained(path)
         if settings.task is None:

@@ -27,7 +27,6 @@ past what int32 sums hold exactly.
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
 from pathlib import Path
 
@@ -45,9 +44,8 @@ GROUP_MULTIPLE = 16  # features per vector lane, which share one group's scale a
 
 def extension_name() -> str:
     """A hash of the .cpp and flags, so that an edited source never loads a stale build."""
-    digest = hashlib.sha256(CPP_PATH.read_bytes())
-    digest.update(" ".join(CPP_FLAGS + LD_FLAGS).encode())
-    return f"zqhero_a8w4_cpu_{digest.hexdigest()[:12]}"
+    digest = vnni_cpu.source_digest([CPP_PATH, *vnni_cpu.SHARED_HEADERS], CPP_FLAGS + LD_FLAGS)
+    return f"zqhero_a8w4_cpu_{digest}"
 
 
 @functools.cache

@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from zqhero_fx import dispatch
+from zqhero_fx.kernels import int8_cpu
 from zqhero_fx.formats import MIN_SCALE, format_of_dtype, is_quantized_dtype
 from zqhero_fx.kernels._triton_common import (
     as_rows,
@@ -191,5 +192,9 @@ def _triton_takes(indices, tables, scales, weight, bias, eps, emit_normed, dtype
     )
 
 
+# CPU (INT8 / float32 tables, INT8 out): one pass per token in C++ (csrc/norm_quant_cpu.cpp, via int8_cpu.py), kept
+# opaque under Inductor as norm_quant is.
 dispatch.register("embedding_norm_quant", dispatch.KernelSpec(
-    reference=embedding_norm_quant_ref, triton=embedding_norm_quant_triton, triton_applies=_triton_takes))
+    reference=embedding_norm_quant_ref, triton=embedding_norm_quant_triton, triton_applies=_triton_takes,
+    cpu=int8_cpu.embedding_norm_quant, cpu_applies=int8_cpu.embedding_norm_quant_takes,
+    cpu_available=int8_cpu.available, cpu_kernel_beats_inductor=True))

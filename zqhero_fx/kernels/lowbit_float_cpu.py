@@ -28,7 +28,6 @@ AVX-512 F/BW, the build fails (one warning says why and what to do) or ZQHERO_CP
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
 from pathlib import Path
 
@@ -52,10 +51,9 @@ PANEL_ROWS_MIN = 12
 
 
 def extension_name() -> str:
-    """A hash of the .cpp and the flags, so that an edited source never loads a stale build."""
-    digest = hashlib.sha256(CPP_PATH.read_bytes())
-    digest.update(" ".join(CPP_FLAGS + LD_FLAGS).encode())
-    return f"zqhero_lowbit_float_cpu_{digest.hexdigest()[:12]}"
+    """A hash of the .cpp, its headers and the flags, so that an edited source never loads a stale build."""
+    digest = vnni_cpu.source_digest([CPP_PATH, *vnni_cpu.SHARED_HEADERS], CPP_FLAGS + LD_FLAGS)
+    return f"zqhero_lowbit_float_cpu_{digest}"
 
 
 # ---------------------------------------------------------------- CPU features

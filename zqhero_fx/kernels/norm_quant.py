@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from zqhero_fx import dispatch
+from zqhero_fx.kernels import int8_cpu
 from zqhero_fx.formats import MIN_SCALE, format_of_dtype
 from zqhero_fx.kernels._triton_common import (
     as_rows,
@@ -187,5 +188,9 @@ def _triton_takes(x, residual, weight, bias, eps, emit_normed, emit_sum, kind="l
     return triton_takes_format(dtype, x.device) and kind in ("layer", "rms")
 
 
+# CPU: one pass per row in C++ (csrc/norm_quant_cpu.cpp, built and chosen by int8_cpu.py). Kept opaque under
+# Inductor too, so that every entry point (the converted module, zqhero_fx.compile, backend="zqhero") runs it.
 dispatch.register("norm_quant", dispatch.KernelSpec(
-    reference=norm_quant_ref, triton=norm_quant_triton, triton_applies=_triton_takes))
+    reference=norm_quant_ref, triton=norm_quant_triton, triton_applies=_triton_takes,
+    cpu=int8_cpu.norm_quant, cpu_applies=int8_cpu.norm_quant_takes, cpu_available=int8_cpu.available,
+    cpu_kernel_beats_inductor=True))

@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from zqhero_fx import dispatch
+from zqhero_fx.kernels import int8_cpu
 from zqhero_fx.formats import INT8, MIN_SCALE, format_of_dtype
 from zqhero_fx.kernels._triton_common import (
     MIN_SCALE_F,
@@ -209,9 +210,13 @@ def _dequantize_takes(q, *rest) -> bool:
     return triton_takes_format(q.dtype, q.device)
 
 
+# CPU (INT8 from float32): one pass per row in C++ (csrc/quantize_cpu.cpp, via int8_cpu.py). Under Inductor these
+# decompose into the references instead, which it fuses with the float op that produces x.
 dispatch.register("quantize_per_token", dispatch.KernelSpec(
-    reference=quantize_per_token_ref, triton=quantize_per_token_triton, triton_applies=_quantized_out))
+    reference=quantize_per_token_ref, triton=quantize_per_token_triton, triton_applies=_quantized_out,
+    cpu=int8_cpu.quantize_per_token, cpu_applies=int8_cpu.quantize_per_token_takes, cpu_available=int8_cpu.available))
 dispatch.register("quantize", dispatch.KernelSpec(
-    reference=quantize_ref, triton=quantize_triton, triton_applies=_quantized_out))
+    reference=quantize_ref, triton=quantize_triton, triton_applies=_quantized_out,
+    cpu=int8_cpu.quantize, cpu_applies=int8_cpu.quantize_takes, cpu_available=int8_cpu.available))
 dispatch.register("dequantize", dispatch.KernelSpec(
     reference=dequantize_ref, triton=dequantize_triton, triton_applies=_dequantize_takes))

@@ -13,18 +13,10 @@ two accumulators per program, the gate tile and the up tile of the same N block,
 runs the epilogue in the reference's operation order (no FMA contraction): bit-exact for INT8 and exact FP8 sums
 wherever the activation itself is (none, relu); exp / erf / tanh may move the last bit.
 
-CPU path: the reference, i.e. two `torch._int_mm` calls and the epilogue. One GEMM over both weights would need them
-concatenated along N; concatenating per call is a copy of both weights, and the only copy-free form (the two weights
-being adjacent slices of one buffer) did not pay. Measured on this machine (Intel Xeon, AVX-512 VNNI, torch 2.13.0+cpu,
-K=576, N=1536, int8, median of interleaved rounds; 1 thread, because the 2-core host was shared and 2-thread oneDNN
-timings at M=1024 swung between 24 and 67 ms from contention):
-
-              two _int_mm | one _int_mm, weights stored as one [2N, K] | torch.cat per call + one _int_mm
-    M=1:      0.067 ms    | 0.062 ms                                   | 0.184 ms
-    M=1024:   5.04 ms     | 5.01 ms                                    | 5.12 ms
-
-(2 threads at M=1: 0.034 / 0.033 / 0.110 ms.) One GEMM over a weight stored concatenated wins at most 1-7 %, and per
-call concatenation loses 3x at M=1, so no separate CPU kernel is registered.
+CPU path (kernels/int8_cpu.py): quantized_linear's CPU kernel twice, the up GEMM to float32 and then the gate GEMM
+with the product in its epilogue (the two weights stay separate tensors). One GEMM over both weights would need them
+concatenated along N: per call that is a copy of both (3x slower at M=1, measured), and stored concatenated it won
+only 1-7 % with oneDNN (K=576, N=1536 on the Intel VM).
 """
 
 from __future__ import annotations
@@ -34,6 +26,7 @@ import triton
 import triton.language as tl
 
 from zqhero_fx import dispatch
+from zqhero_fx.kernels import int8_cpu
 from zqhero_fx.formats import format_of_dtype
 from zqhero_fx.kernels._triton_common import (
     grouped_tile,
@@ -234,5 +227,9 @@ def _triton_takes(xq, x_scale, w_gate, w_gate_scale, w_up, w_up_scale, activatio
 
 
 # No `cpu=`: on CPU tensors the reference (two torch._int_mm calls) is the fast path; see the module docstring.
+# CPU: the two GEMMs of quantized_linear's CPU kernel, the up branch's float output multiplied into the gate's
+# epilogue (int8_cpu.py); opaque under Inductor like quantized_linear.
 dispatch.register(OP, dispatch.KernelSpec(
-    reference=quantized_gated_linear_ref, triton=quantized_gated_linear_triton, triton_applies=_triton_takes))
+    reference=quantized_gated_linear_ref, triton=quantized_gated_linear_triton, triton_applies=_triton_takes,
+    cpu=int8_cpu.quantized_gated_linear, cpu_applies=int8_cpu.gated_linear_takes, cpu_available=int8_cpu.available,
+    cpu_kernel_beats_inductor=True))

@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from zqhero_fx import dispatch
+from zqhero_fx.kernels import int8_cpu
 from zqhero_fx.formats import format_of_dtype, is_quantized_dtype
 from zqhero_fx.kernels._triton_common import (
     grouped_tile,
@@ -269,5 +270,9 @@ def _triton_takes(xq, x_scale, wq, w_scale, bias, residual, out_scale, activatio
     return operands_ok and output_ok and activation in ACTIVATION_CODES
 
 
+# CPU: INT8 x INT8 in C++ with the epilogue fused (csrc/quantized_linear_cpu.cpp; int8_cpu.py picks zqhero's VNNI GEMM
+# or oneDNN's by instruction set). Kept opaque under Inductor too, so that every entry point runs the same kernel.
 dispatch.register("quantized_linear", dispatch.KernelSpec(
-    reference=quantized_linear_ref, triton=quantized_linear_triton, triton_applies=_triton_takes))
+    reference=quantized_linear_ref, triton=quantized_linear_triton, triton_applies=_triton_takes,
+    cpu=int8_cpu.quantized_linear, cpu_applies=int8_cpu.linear_takes, cpu_available=int8_cpu.available,
+    cpu_kernel_beats_inductor=True))

@@ -46,6 +46,8 @@ def int8_bmm_ref(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 # ---------------------------------------------------------------- C++ kernel (AVX-512 VNNI)
 CPP_PATH = Path(__file__).resolve().parent / "csrc" / "vnni_cpu.cpp"  # shipped as package data (pyproject.toml)
+# Headers every CPU kernel includes (register tiles of the VNNI kernels; the thread-pool wrapper): part of each hash.
+SHARED_HEADERS = [CPP_PATH.parent / "vnni_tiles.h", CPP_PATH.parent / "cpu_parallel.h"]
 CPP_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vnni", "-fopenmp"]
 LD_FLAGS = ["-fopenmp"]
 _build_lock = threading.Lock()
@@ -61,9 +63,17 @@ def __getattr__(name: str):
 def extension_name() -> str:
     """The extension's module name: a hash of the .cpp (and the flags) in it, so that an edited source never loads a
     stale build cached under TORCH_EXTENSIONS_DIR."""
-    digest = hashlib.sha256(CPP_PATH.read_bytes())
-    digest.update(" ".join(CPP_FLAGS + LD_FLAGS).encode())
-    return f"zqhero_vnni_cpu_{digest.hexdigest()[:12]}"
+    return f"zqhero_vnni_cpu_{source_digest([CPP_PATH, *SHARED_HEADERS], CPP_FLAGS + LD_FLAGS)}"
+
+
+def source_digest(paths, flags) -> str:
+    """12 hex digits of the sources' and headers' text and the flags: part of an extension's name, so that an edited
+    source or header never loads a stale build cached under TORCH_EXTENSIONS_DIR."""
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(Path(path).read_bytes())
+    digest.update(" ".join(flags).encode())
+    return digest.hexdigest()[:12]
 
 
 # ---------------------------------------------------------------- CPU features
@@ -176,9 +186,10 @@ def _shorten(text: str, head: int = 200, tail: int = 500) -> str:
     return text if len(text) <= head + tail + 5 else f"{text[:head]} ... {text[-tail:]}"
 
 
-def build_extension(name: str, source: Path, cflags, ldflags, what: str, fallback: str, switch: str,
+def build_extension(name: str, source: Path | list[Path], cflags, ldflags, what: str, fallback: str, switch: str,
                     hint=None):
-    """Build (or load the cached) C++ extension `name` from `source` with torch.utils.cpp_extension; None, with one
+    """Build (or load the cached) C++ extension `name` from `source` (one file or several) with
+    torch.utils.cpp_extension; None, with one
     warning naming the cause, the fix (`hint(error)`, default _build_hint) and the switch, when it cannot be built.
     Every CPU kernel of the package builds through here, under one lock."""
     with _build_lock:
@@ -190,7 +201,8 @@ def build_extension(name: str, source: Path, cflags, ldflags, what: str, fallbac
                 os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
             log.info(f"zqhero: building (or loading the cached) {what}")
             # copies: cpp_extension.load appends torch's libraries to the lists it is given
-            return cpp_extension.load(name=name, sources=[str(source)], extra_cflags=list(cflags),
+            sources = [str(path) for path in (source if isinstance(source, (list, tuple)) else [source])]
+            return cpp_extension.load(name=name, sources=sources, extra_cflags=list(cflags),
                                       extra_ldflags=list(ldflags), verbose=False)
         except Exception as error:  # no compiler / ninja / setuptools: stay correct, just slower
             warnings.warn(f"zqhero: the {what} did not build ({type(error).__name__}: {_shorten(str(error))}); "

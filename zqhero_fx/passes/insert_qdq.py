@@ -19,6 +19,7 @@ import operator
 import torch
 import torch.fx as fx
 
+from zqhero_fx.capture import module_path_examples
 from zqhero_fx.coverage import Coverage
 from zqhero_fx.errors import ConfigError
 from zqhero_fx.formats import Format, Scheme, get_format
@@ -60,10 +61,8 @@ class Precisions:
     def check_all_matched(self, all_paths: set[str]) -> None:
         for pattern in self.overrides:
             if pattern not in self.matched and not any(fnmatch.fnmatchcase(p, pattern) for p in all_paths):
-                examples = ", ".join(sorted(p for p in all_paths if p and not p.startswith("_"))[:4])
-                raise ConfigError(
-                    f"override {pattern!r} matches no module in the graph (module paths look like: {examples})"
-                )
+                raise ConfigError(f"override {pattern!r} matches no module in the graph (module paths look like: "
+                                  f"{module_path_examples(all_paths, pattern)})")
 
 
 # Static scales come from calibration ranges that unseen inputs may exceed. A float format's relative precision is the

@@ -29,6 +29,9 @@
 #include <utility>
 #include <vector>
 
+#include "cpu_parallel.h"
+#include "vnni_tiles.h"
+
 namespace {
 
 // Up to this many rows of x: the decode path. With more, its per-row cost (two vpmaddubsw and a vpdpwssd per 128
@@ -49,42 +52,12 @@ constexpr int64_t kChunkRows = 192;  // prefill: rows of x per slice (at most 19
 // less than expanding the weight twice)
 constexpr int64_t kMinRowsPerPart = 256;
 
-inline __mmask64 low_bits(int64_t n) { return n >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << n) - 1); }
-
-// ---------------------------------------------------------------- register tiles
-// A tile's accumulators as named variables, each addressed by a compile-time index (`each` unrolls a loop into a
-// fold): GCC (12) keeps named vectors in registers through the k loop, while an array of them, even fully unrolled,
-// is copied between registers or spilled on every iteration (half the throughput or less).
-struct Accumulators {
-  __m512i v0, v1, v2, v3, v4, v5, v6, v7, v8, v9, v10, v11, v12, v13, v14, v15, v16, v17, v18, v19, v20, v21, v22, v23;
-  template <size_t I>
-  __m512i& at() {
-    static_assert(I < 24, "24 accumulators");
-    __m512i* const all[24] = {&v0,  &v1,  &v2,  &v3,  &v4,  &v5,  &v6,  &v7,  &v8,  &v9,  &v10, &v11,
-                              &v12, &v13, &v14, &v15, &v16, &v17, &v18, &v19, &v20, &v21, &v22, &v23};
-    return *all[I];
-  }
-};
-
-template <typename F, size_t... I>
-inline void each_of(F&& f, std::index_sequence<I...>) {
-  (f(std::integral_constant<size_t, I>{}), ...);
-}
-
-// f(i) for i = 0 .. N - 1, each i a compile-time constant.
-template <size_t N, typename F>
-inline void each(F&& f) {
-  each_of(f, std::make_index_sequence<N>{});
-}
-
-// Ends a tile's k loop: the empty asm makes each accumulator's value opaque to what follows. Without it GCC lets the
-// stores after the loop (masked stores in particular) shape the accumulators' register allocation inside it, and the
-// loop copies every accumulator between registers, or spills it, on each iteration.
-template <size_t N>
-inline Accumulators settled(Accumulators acc) {
-  each<N>([&](auto i) { asm("" : "+v"(acc.template at<i>())); });
-  return acc;
-}
+using zqhero::Accumulators;
+using zqhero::each;
+using zqhero::low_bits;
+using zqhero::row_shifts;
+using zqhero::settled;
+using zqhero::transpose_16x16_words;
 
 // ---------------------------------------------------------------- decode
 // Per 128-k chunk of codes: g0, the group of its first k, and (group_size not a multiple of 128) which of the
@@ -253,7 +226,7 @@ void decode(const int8_t* x, int64_t K, const uint8_t* codes, const uint8_t* zer
   split_even_odd(x, R, K, half, xe.data(), xo.data());
   group_sums(x, R, K, group_size, x_sums.data(), sums_stride);
   const int64_t strips = (N + C - 1) / C, ls = (G + 15) / 16 * 16 + 16, lc = K / 2;
-  at::parallel_for(0, strips, 1, [&](int64_t begin, int64_t end) {
+  zqhero::parallel_for(0, strips, 1, [&](int64_t begin, int64_t end) {
     thread_local DecodeScratch scratch;
     if ((int64_t)scratch.scales.size() < C * ls) scratch.scales.resize(C * ls);
     int32_t* scales = scratch.scales.data();
@@ -351,33 +324,6 @@ inline __m512i expand_chunk(const uint8_t* codes, __mmask32 valid, const uint8_t
   return _mm512_shuffle_epi8(lanes, nibbles);
 }
 
-// Transposes 16 rows of 16 32-bit words in place: afterwards rows[w] holds word w of every input row (as vnni_cpu.cpp).
-inline void transpose_16x16_words(__m512i rows[16]) {
-  __m512i t[16];
-  for (int i = 0; i < 16; i += 2) {  // 2 x 2 blocks within each 128-bit lane
-    t[i] = _mm512_unpacklo_epi32(rows[i], rows[i + 1]);
-    t[i + 1] = _mm512_unpackhi_epi32(rows[i], rows[i + 1]);
-  }
-  for (int i = 0; i < 16; i += 4) {  // 4 x 4 blocks: lane L of rows[i + j] is now word 4L + j of rows i..i+3
-    rows[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
-    rows[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
-    rows[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
-    rows[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
-  }
-  for (int j = 0; j < 4; ++j) {  // gather the lanes: even lanes (0x88), odd lanes (0xdd)
-    t[j] = _mm512_shuffle_i32x4(rows[j], rows[4 + j], 0x88);
-    t[4 + j] = _mm512_shuffle_i32x4(rows[j], rows[4 + j], 0xdd);
-    t[8 + j] = _mm512_shuffle_i32x4(rows[8 + j], rows[12 + j], 0x88);
-    t[12 + j] = _mm512_shuffle_i32x4(rows[8 + j], rows[12 + j], 0xdd);
-  }
-  for (int j = 0; j < 4; ++j) {
-    rows[j] = _mm512_shuffle_i32x4(t[j], t[8 + j], 0x88);
-    rows[4 + j] = _mm512_shuffle_i32x4(t[4 + j], t[12 + j], 0x88);
-    rows[8 + j] = _mm512_shuffle_i32x4(t[j], t[8 + j], 0xdd);
-    rows[12 + j] = _mm512_shuffle_i32x4(t[4 + j], t[12 + j], 0xdd);
-  }
-}
-
 // Channels n0 .. n0 + cols - 1 (cols <= 64; the rest of the block's 64 expand from zero codes and are never stored)
 // x k in [k0, k0 + depth) -> block[(k - k0) / 4][64][4] bytes of W8 + 128. tables: the block's rows' tables from
 // group first_group on, `stride` bytes apart.
@@ -468,17 +414,6 @@ void prefill_rows(int64_t rows, const int8_t* x, int64_t K, const uint8_t* block
   }
 }
 
-// 128 sum_k x[m, k]: what the +128 on the expanded weight adds to every output of row m.
-void row_shifts(const int8_t* x, int64_t M, int64_t K, int32_t* shift) {
-  const __m512i ones = _mm512_set1_epi8(1);
-  for (int64_t m = 0; m < M; ++m) {
-    __m512i acc = _mm512_setzero_si512();
-    for (int64_t k = 0; k < K; k += 64)
-      acc = _mm512_dpbusd_epi32(acc, ones, _mm512_maskz_loadu_epi8(low_bits(K - k), x + m * K + k));
-    shift[m] = 128 * _mm512_reduce_add_epi32(acc);
-  }
-}
-
 struct PrefillScratch {
   std::vector<uint8_t> tables, block;
 };
@@ -508,7 +443,7 @@ void prefill(const int8_t* x, int64_t M, int64_t K, const uint8_t* codes, const 
   const int64_t panels = (blocks + panel_blocks - 1) / panel_blocks, panel_cols = panel_blocks * kBlockCols;
   const int64_t parts = std::max<int64_t>(1, std::min(threads / std::gcd(panels, threads), M / kMinRowsPerPart));
   const int64_t part_rows = (M + parts - 1) / parts, block_bytes = block_depth * kBlockCols;
-  at::parallel_for(0, panels * parts, 1, [&](int64_t begin, int64_t end) {
+  zqhero::parallel_for(0, panels * parts, 1, [&](int64_t begin, int64_t end) {
     thread_local PrefillScratch scratch;
     uint8_t* tables = at_least(scratch.tables, panel_cols * stride);
     uint8_t* panel = at_least(scratch.block, panel_blocks * block_bytes);

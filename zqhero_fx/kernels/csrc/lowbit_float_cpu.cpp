@@ -37,6 +37,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu_parallel.h"
+
 namespace {
 
 enum Format : int64_t { kFp6E3M2 = 0, kFp4E2M1 = 1, kInt4 = 2 };  // lowbit_float_cpu.FORMAT_IDS
@@ -269,7 +271,7 @@ void rows_gemm(const float* xp, int64_t m, const PackedWeight& w, float* acc) {
     const int64_t channels = channels_for((int)rows);
     const float* x = xp + m0 * kp;
     float* c = acc + m0 * w.n;
-    at::parallel_for(0, (w.n + channels - 1) / channels, 1, [&](int64_t begin, int64_t end) {
+    zqhero::parallel_for(0, (w.n + channels - 1) / channels, 1, [&](int64_t begin, int64_t end) {
       const D decode(w);
       switch (rows) {
         case 8: rows_gemm_r<D, 8>(decode, x, kp, begin, end, c); break;
@@ -400,7 +402,7 @@ void panel_gemm(const float* x, int64_t m, const PackedWeight& w, float* acc) {
   // would put its rows M floats apart, in the same few L1 sets).
   const int64_t block_floats = kp * kRowBlock;
   Buffer xt = aligned_floats((mp + kRowBlock - 1) / kRowBlock * block_floats);
-  at::parallel_for(0, mp / 16, 1, [&](int64_t begin, int64_t end) {
+  zqhero::parallel_for(0, mp / 16, 1, [&](int64_t begin, int64_t end) {
     Buffer rows = aligned_floats(16 * kp);
     for (int64_t b = begin; b < end; ++b) {
       const int64_t m0 = 16 * b, count = std::min<int64_t>(16, m - m0);
@@ -408,7 +410,7 @@ void panel_gemm(const float* x, int64_t m, const PackedWeight& w, float* acc) {
       transpose(rows.get(), kp, count, kp, xt.get() + m0 / kRowBlock * block_floats + m0 % kRowBlock, kRowBlock, 16);
     }
   });
-  at::parallel_for(0, (n + kPanelChannels - 1) / kPanelChannels, 1, [&](int64_t begin, int64_t end) {
+  zqhero::parallel_for(0, (n + kPanelChannels - 1) / kPanelChannels, 1, [&](int64_t begin, int64_t end) {
     const D decode(w);
     Buffer panel = aligned_floats(kPanelChannels * kPanelK);
     Buffer ct = aligned_floats(kPanelChannels * mp);  // the panel's sums, [channel][row]

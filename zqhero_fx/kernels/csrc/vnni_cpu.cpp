@@ -9,6 +9,9 @@
 #include <cstring>
 #include <vector>
 
+#include "cpu_parallel.h"
+#include "vnni_tiles.h"
+
 namespace {
 
 constexpr int kRows = 4;      // output rows per register tile
@@ -152,32 +155,7 @@ inline __mmask16 head_mask(int64_t left) {
   return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u);
 }
 
-// Transposes 16 rows of 16 32-bit words in place: afterwards rows[w] holds word w of every input row, in row order.
-inline void transpose_16x16_words(__m512i rows[16]) {
-  __m512i t[16];
-  for (int i = 0; i < 16; i += 2) {  // 2 x 2 blocks within each 128-bit lane
-    t[i] = _mm512_unpacklo_epi32(rows[i], rows[i + 1]);
-    t[i + 1] = _mm512_unpackhi_epi32(rows[i], rows[i + 1]);
-  }
-  for (int i = 0; i < 16; i += 4) {  // 4 x 4 blocks: lane L of rows[i + j] is now word 4L + j of rows i..i+3
-    rows[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
-    rows[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
-    rows[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
-    rows[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
-  }
-  for (int j = 0; j < 4; ++j) {  // gather the lanes: even lanes (0x88), odd lanes (0xdd)
-    t[j] = _mm512_shuffle_i32x4(rows[j], rows[4 + j], 0x88);
-    t[4 + j] = _mm512_shuffle_i32x4(rows[j], rows[4 + j], 0xdd);
-    t[8 + j] = _mm512_shuffle_i32x4(rows[8 + j], rows[12 + j], 0x88);
-    t[12 + j] = _mm512_shuffle_i32x4(rows[8 + j], rows[12 + j], 0xdd);
-  }
-  for (int j = 0; j < 4; ++j) {
-    rows[j] = _mm512_shuffle_i32x4(t[j], t[8 + j], 0x88);
-    rows[4 + j] = _mm512_shuffle_i32x4(t[4 + j], t[12 + j], 0x88);
-    rows[8 + j] = _mm512_shuffle_i32x4(t[j], t[8 + j], 0xdd);
-    rows[12 + j] = _mm512_shuffle_i32x4(t[4 + j], t[12 + j], 0xdd);
-  }
-}
+using zqhero::transpose_16x16_words;
 
 // K [N keys, D] with unit stride along D (every usual K layout) as B of Q.K^T in pack_b's VNNI layout:
 // packed[g * n_padded + n] = k[n, 4g..4g+3], zero past the keys and past D. 16 keys x 64 bytes at a time, transposed
@@ -284,7 +262,7 @@ torch::Tensor int8_attention(const torch::Tensor& q, const torch::Tensor& k, con
   const int64_t rows_per_thread = (slices * slice_rows + threads - 1) / threads;
   const int64_t rows_per_item = std::min<int64_t>(kRows, std::max<int64_t>(1, rows_per_thread));
   const int64_t items_per_slice = (slice_rows + rows_per_item - 1) / rows_per_item;
-  at::parallel_for(0, slices * items_per_slice, 1, [&](int64_t begin, int64_t end) {
+  zqhero::parallel_for(0, slices * items_per_slice, 1, [&](int64_t begin, int64_t end) {
     AttentionScratch& scratch = attention_scratch();
     int32_t* kp = at_least(scratch.k_packed, groups_d * sk_padded16);
     int32_t* kcomp = at_least(scratch.k_shift, sk_padded16);
@@ -430,7 +408,7 @@ torch::Tensor int8_bmm(const torch::Tensor& a, const torch::Tensor& b) {
   const int8_t* b_base = b.data_ptr<int8_t>();
   int32_t* c_base = c.data_ptr<int32_t>();
   const std::vector<int64_t> sa(a.strides().begin(), a.strides().end()), sb(b.strides().begin(), b.strides().end());
-  at::parallel_for(0, B1 * B2, 1, [&](int64_t begin, int64_t end) {
+  zqhero::parallel_for(0, B1 * B2, 1, [&](int64_t begin, int64_t end) {
     std::vector<int8_t> a_packed(a_in_place(sa[3], K) ? 0 : M * k_padded);
     std::vector<int32_t> b_packed(groups * n_padded), comp(n_padded);
     for (int64_t s = begin; s < end; ++s) {
