@@ -6,6 +6,7 @@ Plus the choice of build and GEMM per instruction set, the dispatch, and the bui
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import pytest
@@ -343,3 +344,50 @@ def test_gated_linear_matches_the_reference(isa, gemm, m, activation, monkeypatc
             assert_int8_close(got, ref)
         else:
             torch.testing.assert_close(got, ref, **FLOAT_TOL[torch.float32])
+
+
+# ---------------------------------------------------------------- threads on a busy machine
+@pytest.mark.slow
+@pytest.mark.skipif((os.cpu_count() or 1) < 2 or not int8_cpu.available(), reason="needs 2 cores and the kernels")
+def test_a_busy_core_slows_the_int8_path_no_more_than_fp32():
+    """Another process spinning on one core: the converted model (M3) slows by no more than the FP32 model does
+    (both measured in the same process, interleaved; before cpu_parallel.h the INT8 path slowed several times more,
+    each of its short parallel regions waiting for a time slice)."""
+    import statistics
+    import subprocess
+    import sys
+    import time
+
+    import zqhero_fx
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
+                                 intermediate_size=1024, vocab_size=1000)).eval()
+    batch = {"input_ids": torch.randint(0, 1000, (8, 128)), "attention_mask": torch.ones(8, 128, dtype=torch.long)}
+    q = zqhero_fx.convert(zqhero_fx.trace(model, batch), "M3", calibration=[batch])
+
+    def medians(reps=9):
+        times = {"int8": [], "fp32": []}
+        with torch.no_grad():
+            for _ in range(reps):
+                for name, run in (("int8", q), ("fp32", model)):
+                    start = time.perf_counter()
+                    run(**batch)
+                    times[name].append(time.perf_counter() - start)
+        return {name: statistics.median(t) for name, t in times.items()}
+
+    medians(2)  # warm-up
+    quiet = medians()
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)
+        busy = medians()
+    finally:
+        spinner.kill()
+        spinner.wait()
+    int8_slowdown, fp32_slowdown = busy["int8"] / quiet["int8"], busy["fp32"] / quiet["fp32"]
+    # 15 % of slack for a shared machine's noise
+    assert int8_slowdown <= 1.15 * fp32_slowdown, (
+        f"with a core busy the INT8 path slowed {int8_slowdown:.2f}x, FP32 {fp32_slowdown:.2f}x "
+        f"(quiet {quiet}, busy {busy})")

@@ -8,8 +8,8 @@
 // Each region therefore times its threads: one that started more than kLateStartNs after the region began, or
 // finished that much after the first one did (it lost its core part-way), makes the region late. When kLateOfLast8 of
 // the last 8 regions were late, the next kSerialPeriodNs of regions run on the calling thread only (which is running,
-// so it is not waiting for a time slice), and then threads are tried again. On a quiet machine threads start within tens of microseconds
-// and nothing changes.
+// so it is not waiting for a time slice), and then threads are tried again. On a quiet machine threads start within
+// tens of microseconds and nothing changes.
 #pragma once
 
 #include <ATen/Parallel.h>

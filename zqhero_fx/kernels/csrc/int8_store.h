@@ -1,5 +1,6 @@
-// Storing float32 vectors as INT8 (and loading INT8 as float32), shared by the INT8 CPU kernels (quantized_linear_cpu.cpp, norm_quant_cpu.cpp,
-// quantize_cpu.cpp). Compiled for AVX-512 or AVX2 (ATen's CPU_CAPABILITY_* macro says which).
+// Storing float32 vectors as INT8 (and loading INT8 as float32), shared by the INT8 CPU kernels
+// (quantized_linear_cpu.cpp, norm_quant_cpu.cpp, quantize_cpu.cpp). Compiled for AVX-512 or AVX2 (ATen's
+// CPU_CAPABILITY_* macro says which).
 #pragma once
 
 #include <ATen/cpu/vec/vec.h>
