@@ -30,6 +30,9 @@ from pathlib import Path
 import torch
 
 from zqhero_fx.kernels import vnni_cpu
+from zqhero_fx.ops import ACTIVATIONS
+
+ACTIVATION_CODES = {name: code for code, name in enumerate(ACTIVATIONS)}  # the C++ enum's order
 
 CSRC = Path(__file__).resolve().parent / "csrc"
 # package data (pyproject.toml)
@@ -131,11 +134,9 @@ def _float_vector(t: torch.Tensor | None) -> torch.Tensor | None:
 
 def linear_takes(xq, x_scale, wq, w_scale, bias, residual, out_scale, activation, out_dtype) -> bool:
     """INT8 x INT8 on the CPU with float32 scales, bias and residual, a float32 or INT8 output."""
-    from zqhero_fx.ops import ACTIVATIONS
-
     if not (xq.dtype == wq.dtype == torch.int8 and xq.is_cpu and wq.is_cpu and wq.dim() == 2):
         return False
-    if activation not in ACTIVATIONS or x_scale.dtype != torch.float32 or w_scale.dtype != torch.float32:
+    if activation not in ACTIVATION_CODES or x_scale.dtype != torch.float32 or w_scale.dtype != torch.float32:
         return False
     if out_scale is None:
         if out_dtype != torch.float32:
@@ -150,24 +151,28 @@ def linear_takes(xq, x_scale, wq, w_scale, bias, residual, out_scale, activation
             and xq.shape[-1] <= vnni_cpu.MAX_TERMS and wq.shape[1] == xq.shape[-1])
 
 
-def quantized_linear(xq, x_scale, wq, w_scale, bias, residual, out_scale, activation, out_dtype):
-    from zqhero_fx.kernels.quantized_linear import check_output, int8_matmul_ref
-    from zqhero_fx.ops import ACTIVATIONS
+def _contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
+    """The C++ reads scales and biases by their element count: any shape, but contiguous."""
+    return t if t is None or t.is_contiguous() else t.contiguous()
 
-    check_output(out_scale, out_dtype, "quantized_linear")
-    lead, k, n = xq.shape[:-1], xq.shape[-1], wq.shape[0]
-    x2 = xq.reshape(-1, k).contiguous()
+
+def quantized_linear(xq, x_scale, wq, w_scale, bias, residual, out_scale, activation, out_dtype):
+    # linear_takes has checked the operands (dtypes, sizes, the out_scale / out_dtype pairing); this runs per call,
+    # ~10 us of Python around a decode step's ~10 us GEMM, so it does no more than it must.
+    k, n = xq.shape[-1], wq.shape[0]
+    x2 = xq if xq.dim() == 2 and xq.is_contiguous() else xq.reshape(-1, k).contiguous()
     res = None if residual is None else residual.reshape(-1, n)
     if res is not None and res.stride(-1) != 1:
         res = res.contiguous()
-    operands = (_float_vector(x_scale), w_scale.contiguous(), _float_vector(bias), res, _float_vector(out_scale),
-                ACTIVATIONS.index(activation))
-    ext = extension()
+    operands = (_contiguous(x_scale), _contiguous(w_scale), _contiguous(bias), res, _contiguous(out_scale),
+                ACTIVATION_CODES[activation])
     if gemm_path() == "zqhero" and wq.stride(1) == 1 and k % 16 == 0:
-        out = ext.quantized_linear(x2, operands[0], wq, *operands[1:])
+        out = extension().quantized_linear(x2, operands[0], wq, *operands[1:])
     else:
-        out = ext.linear_epilogue(int8_matmul_ref(x2, wq), *operands)
-    return out.reshape(*lead, n)
+        from zqhero_fx.kernels.quantized_linear import int8_matmul_ref
+
+        out = extension().linear_epilogue(int8_matmul_ref(x2, wq), *operands)
+    return out if xq.dim() == 2 else out.reshape(*xq.shape[:-1], n)
 
 
 def norm_quant_takes(x, residual, weight, bias, eps, emit_normed, emit_sum, kind="layer", dtype=torch.int8) -> bool:
@@ -246,7 +251,6 @@ def gated_linear_takes(xq, x_scale, w_gate, w_gate_scale, w_up, w_up_scale, acti
 def quantized_gated_linear(xq, x_scale, w_gate, w_gate_scale, w_up, w_up_scale, activation, out_scale, out_dtype):
     from zqhero_fx.kernels.quantized_gated_linear import OP, _check_shapes
     from zqhero_fx.kernels.quantized_linear import check_output, int8_matmul_ref
-    from zqhero_fx.ops import ACTIVATIONS
 
     check_output(out_scale, out_dtype, OP)
     _check_shapes(xq, w_gate, w_up)
@@ -256,8 +260,8 @@ def quantized_gated_linear(xq, x_scale, w_gate, w_gate_scale, w_up, w_up_scale, 
     ext = extension()
     if gemm_path() == "zqhero" and w_gate.stride(1) == 1 and w_up.stride(1) == 1 and k % 16 == 0:
         out = ext.quantized_gated_linear(x2, scales[0], w_gate, scales[1], w_up, scales[2], _float_vector(out_scale),
-                                         ACTIVATIONS.index(activation))
+                                         ACTIVATION_CODES[activation])
     else:
         out = ext.gated_epilogue(int8_matmul_ref(x2, w_gate), int8_matmul_ref(x2, w_up), *scales,
-                                 _float_vector(out_scale), ACTIVATIONS.index(activation))
+                                 _float_vector(out_scale), ACTIVATION_CODES[activation])
     return out.reshape(*lead, n)

@@ -77,6 +77,7 @@ def source_digest(paths, flags) -> str:
 
 
 # ---------------------------------------------------------------- CPU features
+@functools.cache  # read once: the kernels ask on every call, and the file takes ~60 us to parse
 def _cpuinfo() -> tuple[set[str], str]:
     """(flags, model name) of the first CPU in /proc/cpuinfo; empty where it cannot be read (not Linux)."""
     flags: set[str] = set()
