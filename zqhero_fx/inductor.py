@@ -1,12 +1,12 @@
 """Compile a converted model with Inductor.
 
-On CPU every zqhero op is decomposed into its PyTorch reference before Inductor sees the graph: the INT8 GEMMs stay
-oneDNN calls (aten._int_mm, VNNI/AMX where the CPU has them) while their epilogues (row x column scales, bias, GeLU,
-requantization) and LayerNorm^quant become fused loops in Inductor's generated C++. Ops whose hand-written CPU kernel beats
-Inductor's code stay one extern call (INT8 attention on AVX-512 VNNI, kernels/vnni_cpu.py; zqhero_fx/dispatch.py says
-which). That is what makes the
-CPU path fast (benchmarks/bench_e2e.py). On CUDA, or with ZQHERO_KERNELS=triton, the ops stay opaque and run
-their Triton kernels; Inductor fuses only the floating-point remainder around them.
+The converted module is already fast on its own: its zqhero ops call fused C++ kernels on the CPU and Triton kernels on
+CUDA. Compiling adds Inductor's fusion of the floating-point glue around them. On CPU, ops with a fast C++ kernel
+(`cpu_kernel_beats_inductor` in zqhero_fx/dispatch.py: the INT8 GEMMs with their epilogues, the norms, attention,
+embeddings) stay one extern call each; the others (quantize, dequantize, ...) are decomposed into their PyTorch
+references, which Inductor fuses with the float ops that produce or consume them. Where no C++ kernel builds, every op
+is decomposed, and the INT8 GEMMs become oneDNN `_int_mm` calls with their epilogues in Inductor's generated C++.
+On CUDA, or with ZQHERO_KERNELS=triton, the ops stay opaque and run their Triton kernels.
 """
 
 from __future__ import annotations
@@ -60,7 +60,8 @@ def _copy_path(root: torch.nn.Module, path: list[str]) -> torch.nn.Module:
 
 
 def relayout_gemm_weights(gm: fx.GraphModule) -> fx.GraphModule:
-    """A copy of `gm` whose CPU INT8 GEMM weights are stored N-major: same [N, K] shape and values, strides (1, N).
+    """A copy of `gm` whose CPU INT8 GEMM weights are stored N-major (same [N, K] shape and values, strides (1, N)),
+    where oneDNN runs them; `gm` itself where zqhero's VNNI GEMM or Triton does.
 
     The op's [N, K] K-major layout is what tensor cores want for B; oneDNN's `_int_mm` wants B = W^T as a contiguous
     [K, N] and runs BERT-base's 768x768 GEMMs ~25% slower on the strided view (0.94 vs 0.70 ms at M = 1024 on this
@@ -123,6 +124,7 @@ def compile(gm: fx.GraphModule, *, dynamic: bool = True) -> NoGradModule:
     """torch.compile a converted GraphModule with `inductor_backend`; shapes stay dynamic (no recompile per size).
     The result is called like `gm` and always runs for inference (`NoGradModule`), with or without torch.no_grad().
 
-    On the CPU reference path the GEMM weights are re-laid out for oneDNN first (`relayout_gemm_weights`), so the
-    compiled module holds its own N-major copy of them; `gm` itself is left as it was."""
+    Where oneDNN runs the CPU GEMMs (AMX and AVX2 hosts, or no C++ kernels), the GEMM weights are re-laid out for it
+    first (`relayout_gemm_weights`), so the compiled module holds its own N-major copy of them; `gm` itself is left as
+    it was."""
     return NoGradModule(torch.compile(relayout_gemm_weights(gm), backend=inductor_backend, dynamic=dynamic))

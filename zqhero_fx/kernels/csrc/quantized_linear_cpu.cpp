@@ -18,9 +18,8 @@
 //
 // The epilogue is the reference's operation order, one rounding per reference op (built with -ffp-contract=off so
 // that no multiply-add is fused): y = acc * x_scale[m] * w_scale[n] + bias[n], activation (ATen's vectorised formulas,
-// as F.gelu etc. on the CPU, with erf by a rational approximation within 4.3e-7), + residual[m, n]; then float32 out,
-// or q = clamp(round_half_even(y / out_scale), +-127) with an IEEE division, NaN to 0 (as torch's float->int8 cast
-// on CPU).
+// as F.gelu etc. on the CPU), + residual[m, n]; then float32 out, or q = clamp(round_half_even(y / out_scale), +-127)
+// with an IEEE division, NaN to 0 (as torch's float->int8 cast on CPU).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
@@ -49,30 +48,12 @@ constexpr float kMinScale = 1e-8f;  // formats.MIN_SCALE
 // The order of zqhero_fx.ops.ACTIVATIONS.
 enum Activation : int64_t { kNone = 0, kGelu, kGeluTanh, kRelu, kSilu, kQuickGelu, kActivations };
 
-// erf as a rational function of x (odd degree-13 numerator, even degree-8 denominator) on [-4, 4], where float32 erf
-// reaches +-1: Eigen's and XLA's float erf (max abs error 4.3e-7 measured against float64 erf over [-6, 6]; GeLU's then
-// within 1.5e-6, as ATen's float32 GeLU is). ATen's Vectorized erf calls an exp; this is 12 multiply-adds and one
-// division, which took GeLU's share of the FFN-up GEMM from ~50 % to ~15 % (BERT-base, MiniLM shapes).
-inline Vec fast_erf(Vec x) {
-  x = at::vec::clamp(x, Vec(-4.0f), Vec(4.0f));
-  const Vec x2 = x * x;
-  Vec p = at::vec::fmadd(x2, Vec(-2.72614225801306e-10f), Vec(2.77068142495902e-08f));
-  p = at::vec::fmadd(x2, p, Vec(-2.10102402082508e-06f));
-  p = at::vec::fmadd(x2, p, Vec(-5.69250639462346e-05f));
-  p = at::vec::fmadd(x2, p, Vec(-7.34990630326855e-04f));
-  p = at::vec::fmadd(x2, p, Vec(-2.95459980854025e-03f));
-  p = at::vec::fmadd(x2, p, Vec(-1.60960333262415e-02f));
-  Vec q = at::vec::fmadd(x2, Vec(-1.45660718464996e-05f), Vec(-2.13374055278905e-04f));
-  q = at::vec::fmadd(x2, q, Vec(-1.68282697438203e-03f));
-  q = at::vec::fmadd(x2, q, Vec(-7.37332916720468e-03f));
-  q = at::vec::fmadd(x2, q, Vec(-1.42647390514189e-02f));
-  return x * p / q;
-}
-
 inline Vec activate(Vec y, int64_t activation) {
   switch (activation) {
-    case kGelu:  // GeLU (erf): x * 0.5 * (1 + erf(x / sqrt 2)), ATen's formula with fast_erf
-      return y * Vec(0.5f) * (Vec(1.0f) + fast_erf(y * Vec((float)M_SQRT1_2)));
+    // ATen's GeLU (erf), as F.gelu: x * 0.5 * (1 + erf(x / sqrt 2)). (A rational erf without exp, within 4.3e-7,
+    // made this epilogue ~3x cheaper but flipped one of MiniLM's 1000 polarity predictions under M3: not taken.)
+    case kGelu:
+      return y * Vec(0.5f) * (Vec(1.0f) + (y * Vec((float)M_SQRT1_2)).erf());
     case kGeluTanh: {  // 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))
       const Vec inner = Vec((float)(M_SQRT2 * M_2_SQRTPI * 0.5)) * (y + Vec(0.044715f) * (y * y * y));
       return Vec(0.5f) * y * (Vec(1.0f) + inner.tanh());
