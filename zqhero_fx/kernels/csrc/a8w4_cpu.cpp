@@ -45,7 +45,6 @@ constexpr int64_t kBlockCols = 64;   // prefill: channels per block, 4 vectors o
 // output tile for long (each block adds to the int32 output once); at 4096 x 4096, 512 rows, blocks of 576 k took a
 // quarter longer.
 constexpr int64_t kMaxBlockDepth = 2048;
-constexpr int kTileRows = 6;         // prefill: rows of x per register tile (6 x 4 accumulators)
 constexpr int64_t kPanelBlocks = 4;  // prefill: blocks of channels expanded together, sharing each slice of x
 constexpr int64_t kChunkRows = 192;  // prefill: rows of x per slice (at most 192 x 2048 bytes, in L2), a multiple of 6
 // prefill: fewest rows of x one thread expands a panel for (below that, a thread idle for part of the call costs
@@ -57,6 +56,8 @@ using zqhero::each;
 using zqhero::low_bits;
 using zqhero::row_shifts;
 using zqhero::settled;
+using zqhero::tile_rows;
+using zqhero::kTileRows;
 using zqhero::transpose_16x16_words;
 
 // ---------------------------------------------------------------- decode
@@ -397,10 +398,6 @@ void prefill_tile(const int8_t* x, int64_t K, const uint8_t* block, int64_t quad
     });
   });
 }
-
-// Rows for the next register tile out of `left`: full tiles of kTileRows, but the last 7 or 8 rows as two tiles of 4
-// and 3 or 4 (a tile of one or two rows multiplies each loaded weight vector only once or twice).
-inline int64_t tile_rows(int64_t left) { return left == 7 || left == 8 ? 4 : std::min<int64_t>(kTileRows, left); }
 
 void prefill_rows(int64_t rows, const int8_t* x, int64_t K, const uint8_t* block, int64_t quads, bool first,
                   const int32_t* shift, int32_t* out, int64_t ldo, int64_t cols) {

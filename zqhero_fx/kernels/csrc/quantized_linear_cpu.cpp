@@ -136,6 +136,8 @@ using zqhero::Accumulators;
 using zqhero::each;
 using zqhero::low_bits;
 using zqhero::settled;
+using zqhero::tile_rows;
+using zqhero::kTileRows;
 
 const __m512i kSignBits = _mm512_set1_epi8((char)0x80);
 
@@ -208,7 +210,6 @@ void decode(const int8_t* x, int64_t K, const int8_t* w, int64_t ldw, int64_t N,
 // ---------------------------------------------------------------- prefill: blocks of the weight in the VNNI layout
 constexpr int64_t kBlockCols = 64;       // channels per block: 4 vectors of 16
 constexpr int64_t kMaxBlockDepth = 4096; // k per block: BERT's and SmolLM2's K are one block, so no int32 round trip
-constexpr int kTileRows = 6;             // rows of x per register tile (6 x 4 accumulators)
 constexpr int64_t kPanelBytes = 512 * 1024;  // blocks transposed together (sharing each slice of x), in L2
 constexpr int64_t kSliceBytes = 384 * 1024;  // rows of x per slice, at most this many bytes of them, in L2
 constexpr int64_t kMinRowsPerPart = 256;     // fewest rows one thread transposes a panel for
@@ -276,10 +277,6 @@ void prefill_tile(const int8_t* x, int64_t K, const uint8_t* block, int64_t quad
   });
   if (last) epilogue.apply_block(totals - m0 * kBlockCols - n0, kBlockCols, m0, m0 + R, n0, n0 + cols);
 }
-
-// Rows for the next register tile out of `left`: full tiles of kTileRows, but the last 7 or 8 rows as two tiles of 4
-// and 3 or 4 (a tile of one or two rows multiplies each loaded weight vector only once or twice).
-inline int64_t tile_rows(int64_t left) { return left == 7 || left == 8 ? 4 : std::min<int64_t>(kTileRows, left); }
 
 void prefill_rows(int64_t rows, const int8_t* x, int64_t K, const uint8_t* block, int64_t quads, bool first, bool last,
                   const int32_t* shift, int32_t* partial, int64_t ldp, int64_t m0, int64_t n0, int64_t cols,
@@ -407,15 +404,6 @@ torch::Tensor empty_output(const torch::Tensor& like, int64_t M, int64_t N, bool
 
 }  // namespace
 
-// Whether this build has the VNNI GEMM (the AVX-512 build) or only the epilogue (the AVX2 build).
-bool has_vnni_gemm() {
-#ifdef CPU_CAPABILITY_AVX512
-  return true;
-#else
-  return false;
-#endif
-}
-
 namespace {
 
 // The GEMM with its epilogue; `multiplier` (float32 [M, N] contiguous, or undefined) multiplies the activation's
@@ -515,9 +503,7 @@ std::vector<torch::Tensor> quantize_per_token(const torch::Tensor& x);
 torch::Tensor quantize_static(const torch::Tensor& x, const torch::Tensor& scale);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("has_vnni_gemm", &has_vnni_gemm);
   m.def("step_downs", []() { return zqhero::step_downs().load(); });
-  m.def("stepping_down", []() { return zqhero::stepping_down(); });
   m.def("quantized_linear", &quantized_linear);
   m.def("linear_epilogue", &linear_epilogue);
   m.def("quantized_gated_linear", &quantized_gated_linear);

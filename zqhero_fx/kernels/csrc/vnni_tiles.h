@@ -77,6 +77,13 @@ inline void transpose_16x16_words(__m512i rows[16]) {
   }
 }
 
+// Rows of x per register tile of the prefill GEMMs (6 rows x 4 vectors of 16 channels = 24 accumulators).
+constexpr int kTileRows = 6;
+
+// Rows for the next register tile out of `left`: full tiles of kTileRows, but the last 7 or 8 rows as two tiles of 4
+// and 3 or 4 (a tile of one or two rows multiplies each loaded weight vector only once or twice).
+inline int64_t tile_rows(int64_t left) { return left == 7 || left == 8 ? 4 : (left < kTileRows ? left : kTileRows); }
+
 // 128 * sum_k x[m, k] for each of M rows of int8 x [M, K] (row stride K): what a +128 shift of the other operand of
 // vpdpbusd (which multiplies u8 by s8) adds to every output of row m, to be taken back out.
 inline void row_shifts(const int8_t* x, int64_t M, int64_t K, int32_t* shift) {
